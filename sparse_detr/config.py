@@ -1,0 +1,85 @@
+"""Config keys of Sparse DETR: `add_sparse_detr_config(cfg)` adds them to a Detectron2 CfgNode.
+
+Every flag of the official implementation has a key under `MODEL.SPARSE_DETR`; the official
+training recipe (AdamW, parameter-group multipliers, full-model gradient clipping) lives under
+`SOLVER`. Defaults reproduce the official Sparse DETR rho=0.1 configuration (R-50, two-stage,
+box refinement, eff query init, eff specific head, encoder auxiliary loss).
+"""
+from detectron2.config import CfgNode as CN
+
+# ImageNet statistics in 0..255 RGB (torchvision's normalisation, as in the official code).
+TORCHVISION_PIXEL_MEAN = [123.675, 116.280, 103.530]
+TORCHVISION_PIXEL_STD = [58.395, 57.120, 57.375]
+
+
+def add_sparse_detr_config(cfg):
+    """Add the Sparse DETR keys to `cfg` in place (idempotent) and return it."""
+    if "SPARSE_DETR" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.SPARSE_DETR = sd = CN()
+    sd.NUM_CLASSES = 80
+    # Keep ratio of encoder tokens. 0.0 is the dense Deformable DETR encoder (no scoring network).
+    sd.RHO = 0.1
+    # Keep ratio at inference; negative means "same as RHO" (the paper's dynamic sparsification).
+    sd.TEST_RHO = -1.0
+    # Token selection criterion: "dam" (scoring network trained on the decoder cross-attention
+    # map) or "objectness" (auxiliary objectness head trained with the detection targets).
+    sd.SELECTION = "dam"
+    # DAM splatting convention: "official" (location*size, the official half-pixel shift) or
+    # "exact" (location*size - 0.5, where the attention op really samples).
+    sd.DAM_CONVENTION = "official"
+    sd.USE_ENC_AUX_LOSS = True
+    sd.TWO_STAGE = True
+    sd.WITH_BOX_REFINE = True
+    sd.EFF_QUERY_INIT = True
+    sd.EFF_SPECIFIC_HEAD = True
+    sd.AUX_LOSS = True
+    sd.NUM_QUERIES = 300
+    sd.NUM_FEATURE_LEVELS = 4
+    sd.IN_FEATURES = ["res3", "res4", "res5"]
+    sd.HIDDEN_DIM = 256
+    sd.NHEADS = 8
+    sd.DIM_FEEDFORWARD = 1024
+    sd.DROPOUT = 0.1
+    sd.ENC_LAYERS = 6
+    sd.DEC_LAYERS = 6
+    sd.ENC_N_POINTS = 4
+    sd.DEC_N_POINTS = 4
+    # Loss weights.
+    sd.CLS_LOSS_COEF = 2.0
+    sd.BBOX_LOSS_COEF = 5.0
+    sd.GIOU_LOSS_COEF = 2.0
+    sd.MASK_PREDICTION_COEF = 1.0
+    sd.FOCAL_ALPHA = 0.25
+    # Hungarian matcher costs.
+    sd.SET_COST_CLASS = 2.0
+    sd.SET_COST_BBOX = 5.0
+    sd.SET_COST_GIOU = 2.0
+    # Run the encoder auxiliary heads at inference too (the official code does; costs FLOPs).
+    sd.ENC_AUX_HEADS_AT_INFERENCE = False
+
+    # Swin-T backbone (build_sparse_detr_swin_backbone).
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2
+    cfg.MODEL.SWIN.OUT_FEATURES = ["p1", "p2", "p3"]
+    cfg.MODEL.SWIN.FROZEN_STAGES = 2
+
+    # Dataset mapper used by the trainer: "detr" (official augmentation) or "default"
+    # (Detectron2's DatasetMapper).
+    cfg.INPUT.DATASET_MAPPER = "detr"
+    # DETR augmentation: shortest-edge choices and max size of the resize, and the crop branch.
+    cfg.INPUT.DETR_RESIZE_MIN_SIZES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+    cfg.INPUT.DETR_RESIZE_MAX_SIZE = 1333
+    cfg.INPUT.DETR_CROP_PRE_SIZES = [400, 500, 600]
+    cfg.INPUT.DETR_CROP_SIZE = [384, 600]
+
+    # Official optimisation recipe.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
+    return cfg
