@@ -37,9 +37,13 @@ src_hash=$(cat "$ROOT/setup.py" $(find "$ROOT/csrc" -type f | sort) | sha256sum 
 if [ "$(cat "$VENV/.ext-stamp" 2>/dev/null)" != "$src_hash" ] || \
    ! ls "$ROOT"/sparse_detr/_C*.so >/dev/null 2>&1 || \
    ! "$PY" -c 'import sparse_detr' >/dev/null 2>&1; then
-  log "building sparse_detr._C and installing the package in editable mode"
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-deps --no-build-isolation -e .)
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace)
+  if [ ! -d "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sparse_detr-0.1.0.dist-info" ]; then
+    log "installing the package in editable mode (compiles sparse_detr._C)"
+    (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-deps --no-build-isolation -e .)
+  fi
+  log "compiling sparse_detr._C (incremental)"
+  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace >"$VENV/.ext-build.log" 2>&1) \
+    || { tail -40 "$VENV/.ext-build.log"; log "extension build FAILED (full log: $VENV/.ext-build.log)"; exit 1; }
   echo "$src_hash" > "$VENV/.ext-stamp"
 fi
 log "ready: $("$PY" -c 'import torch, detectron2, sparse_detr; print("torch", torch.__version__, "| detectron2", detectron2.__version__, "| sparse_detr", sparse_detr.__version__)')"
