@@ -1,0 +1,120 @@
+"""Set criterion of Sparse DETR: Hungarian-matched focal, L1 and GIoU losses on every prediction set."""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+__all__ = ["SetCriterion", "build_weight_dict", "LOSS_NAMES"]
+
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: float,
+                      dec_layers: int, two_stage: bool, enc_aux_layers: int) -> Dict[str, float]:
+    """The official loss weights for every loss the criterion and the scoring loss produce.
+
+    Args:
+        dec_layers: number of supervised decoder layers (suffixes `_0 .. _{dec_layers-2}` for the
+            auxiliary ones; pass 1 when decoder auxiliary losses are off).
+        two_stage: add the `_enc` (two-stage proposal) losses.
+        enc_aux_layers: number of encoder auxiliary heads (suffixes `_enc_0 ..`); 0 when off.
+    Returns:
+        {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou, "loss_ce_0": cls, ...,
+        "loss_mask_prediction": mask_prediction}
+    """
+    base = dict(zip(LOSS_NAMES, (cls, bbox, giou)))
+    suffixes = [""] + [f"_{i}" for i in range(dec_layers - 1)]
+    suffixes += ["_enc"] if two_stage else []
+    suffixes += [f"_enc_{i}" for i in range(enc_aux_layers)]
+    weights = {k + s: w for s in suffixes for k, w in base.items()}
+    weights["loss_mask_prediction"] = mask_prediction
+    return weights
+
+
+def _average_num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Number of target boxes averaged over processes (all-reduced when distributed), at least 1."""
+    num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world_size = comm.get_world_size()
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+    return torch.clamp(num_boxes / world_size, min=1).item()
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched detection losses (unweighted) for the final, auxiliary and encoder outputs.
+
+    For a prediction set {"pred_logits": (B, Q, C), "pred_boxes": (B, Q, 4) cxcywh}:
+    `loss_ce` sigmoid focal loss (no background class; unmatched queries have all-zero targets),
+    `loss_bbox` L1 and `loss_giou` 1 - GIoU over matched pairs; all summed and divided by the
+    average number of target boxes per process. Every set is matched independently.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, focal_alpha: float = 0.25,
+                 enc_class_specific: bool = True):
+        """
+        Args:
+            num_classes: C, the number of class logits.
+            matcher: callable (outputs, targets) -> list of (pred_idx, tgt_idx).
+            focal_alpha: alpha of the focal loss (gamma is 2).
+            enc_class_specific: supervise the two-stage proposals ("enc_outputs") with the real
+                labels; False supervises class 0 only (the official binary proposal head).
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.focal_alpha = focal_alpha
+        self.enc_class_specific = enc_class_specific
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: "pred_logits", "pred_boxes", and optionally "aux_outputs" (list of sets),
+                "enc_outputs" (one set), "aux_outputs_enc" (list of sets).
+            targets: B dicts with "labels" (n_i,) int64 in [0, C) and "boxes" (n_i, 4) cxcywh in [0, 1].
+        Returns:
+            unweighted losses: loss_{ce,bbox,giou} with suffixes "", "_{i}", "_enc", "_enc_{i}".
+        """
+        num_boxes = _average_num_boxes(targets, outputs["pred_logits"].device)
+        sets: List[Tuple[str, Dict, List[Dict]]] = [("", outputs, targets)]
+        sets += [(f"_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if outputs.get("enc_outputs") is not None:
+            enc_targets = targets if self.enc_class_specific else [
+                {**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            sets.append(("_enc", outputs["enc_outputs"], enc_targets))
+        sets += [(f"_enc_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs_enc", []))]
+
+        losses = {}
+        for suffix, preds, tgts in sets:
+            losses.update({k + suffix: v for k, v in self.set_losses(preds, tgts, num_boxes).items()})
+        return losses
+
+    def set_losses(self, preds: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],
+                   num_boxes: float, indices: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+                   ) -> Dict[str, torch.Tensor]:
+        """Losses of one prediction set; matches it first unless `indices` are given."""
+        if indices is None:
+            indices = self.matcher(preds, targets)
+        logits, boxes = preds["pred_logits"].float(), preds["pred_boxes"].float()  # fp32 under AMP
+        device = logits.device
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+        query_idx = torch.cat([src for src, _ in indices]).to(device)
+        matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)]
+                                    for t, (_, j) in zip(targets, indices)]).to(device)
+        matched_tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)]
+                                       for t, (_, j) in zip(targets, indices)])
+
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, matched_labels] = 1
+        loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0,
+                                     reduction="sum") / num_boxes
+
+        src_boxes = boxes[batch_idx, query_idx]
+        tgt_boxes = matched_tgt_boxes.to(src_boxes)
+        loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_boxes
+        giou = generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                   box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
