@@ -1,0 +1,170 @@
+"""Data: the DETR dataset mapper (official augmentation) and the DeepForest dataset."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from PIL import Image
+
+from sparse_detr import add_sparse_detr_config
+from sparse_detr.data import DetrDatasetMapper, RandomSelect, build_dataset_mapper
+from sparse_detr.data.datasets.deepforest import (
+    DEEPFOREST_SPLITS,
+    clip_boxes_to_window,
+    prepare_deepforest,
+    register_deepforest,
+    tile_windows,
+)
+
+
+def _cfg(**input_overrides):
+    cfg = add_sparse_detr_config(get_cfg())
+    for key, value in input_overrides.items():
+        setattr(cfg.INPUT, key, value)
+    return cfg
+
+
+def _write_image(path, mode, size=(120, 90)):
+    rng = np.random.default_rng(0)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    array = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+    return path
+
+
+def _dataset_dict(path, width=120, height=90):
+    return {
+        "file_name": path,
+        "image_id": 0,
+        "width": width,
+        "height": height,
+        "annotations": [
+            {"bbox": [10, 10, 40, 30], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},
+            {"bbox": [50, 20, 50, 60], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},  # zero width
+            {"bbox": [60, 40, 100, 80], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 1},
+            {"bbox": [0, 0, 30, 30], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0, "iscrowd": 1},
+        ],
+    }
+
+
+def test_random_select_uses_both_branches():
+    first, second = T.RandomFlip(prob=1.0), T.RandomCrop("absolute", (10, 10))
+    aug = RandomSelect([first], [second], prob=0.5)
+    np.random.seed(0)
+    kinds = set()
+    for _ in range(20):
+        tfms = aug(T.AugInput(np.zeros((20, 30, 3), np.uint8))).transforms
+        kinds.add(type(tfms[0]).__name__)
+    assert kinds == {"HFlipTransform", "CropTransform"}
+    assert "RandomSelect" in repr(aug)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_detr_mapper_train(tmp_path, mode):
+    cfg = _cfg(
+        DETR_RESIZE_MIN_SIZES=[64, 96],
+        DETR_RESIZE_MAX_SIZE=160,
+        DETR_CROP_PRE_SIZES=[80, 100],
+        DETR_CROP_SIZE=[60, 80],
+    )
+    mapper = build_dataset_mapper(cfg, is_train=True)
+    assert type(mapper) is DetrDatasetMapper
+    path = _write_image(str(tmp_path / f"img_{mode}.png"), mode)
+    np.random.seed(0)
+    for _ in range(10):
+        out = mapper(_dataset_dict(path))
+        image, inst = out["image"], out["instances"]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        h, w = image.shape[1:]
+        assert max(h, w) <= 160
+        boxes = inst.gt_boxes.tensor
+        assert inst.image_size == (h, w)
+        # Absolute XYXY inside the augmented image, no empty box, crowd box removed.
+        assert len(inst) <= 2
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+
+
+def test_detr_mapper_resize_branch_keeps_boxes(tmp_path):
+    cfg = _cfg(DETR_RESIZE_MIN_SIZES=[180], DETR_RESIZE_MAX_SIZE=1000, RANDOM_FLIP="none")
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    mapper.augmentations = T.AugmentationList(mapper.augmentations.augs[-1].first.augs)  # resize only
+    out = mapper(_dataset_dict(_write_image(str(tmp_path / "a.png"), "RGB")))
+    assert tuple(out["image"].shape[1:]) == (180, 240)
+    torch.testing.assert_close(
+        out["instances"].gt_boxes.tensor, torch.tensor([[20.0, 20, 80, 60], [120, 80, 200, 160]])
+    )
+    assert out["instances"].gt_classes.tolist() == [0, 1]
+
+
+def test_mapper_test_mode_and_selection(tmp_path):
+    cfg = _cfg(MIN_SIZE_TEST=45, MAX_SIZE_TEST=1000)
+    path = _write_image(str(tmp_path / "b.png"), "RGBA")
+    out = build_dataset_mapper(cfg, is_train=False)(_dataset_dict(path))
+    assert tuple(out["image"].shape) == (3, 45, 60)
+    cfg.INPUT.DATASET_MAPPER = "default"
+    assert type(build_dataset_mapper(cfg, is_train=True)) is DatasetMapper
+    cfg.INPUT.DATASET_MAPPER = "nope"
+    with pytest.raises(ValueError, match="DATASET_MAPPER"):
+        build_dataset_mapper(cfg, is_train=True)
+
+
+def test_tile_windows_cover_region():
+    windows = tile_windows((0, 100, 1000, 500), tile=400)
+    assert windows == [(0, 100, 400, 500), (400, 100, 800, 500), (600, 100, 1000, 500)]
+    assert tile_windows((0, 0, 300, 250), tile=400) == [(0, 0, 300, 250)]
+
+
+def test_clip_boxes_to_window():
+    boxes = np.array([[10, 10, 30, 30], [90, 10, 130, 30], [95, 10, 115, 30]], np.float32)
+    out = clip_boxes_to_window(boxes, (0, 0, 100, 100))
+    # Boxes 2 and 3 are 25% inside the first window (dropped), wholly inside the second.
+    np.testing.assert_array_equal(out, [[10, 10, 30, 30]])
+    out = clip_boxes_to_window(boxes, (80, 0, 200, 100))
+    np.testing.assert_array_equal(out, [[10, 10, 50, 30], [15, 10, 35, 30]])
+
+
+def _overlap(a, b):
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_deepforest_split_is_geographic():
+    """No validation pixel in a training tile: per photograph the regions are disjoint."""
+    train = dict(DEEPFOREST_SPLITS["train"])
+    for name, val_region in DEEPFOREST_SPLITS["val"]:
+        if name in train:
+            assert val_region is not None and train[name] is not None
+            assert not _overlap(val_region, train[name])
+            for tw in tile_windows(train[name]):
+                for vw in tile_windows(val_region):
+                    assert not _overlap(tw, vw)
+
+
+def test_prepare_and_register_deepforest(tmp_path):
+    root = str(tmp_path / "deepforest")
+    stats = prepare_deepforest(root)
+    assert stats["train"]["images"] >= 40 and stats["val"]["images"] >= 8
+    assert stats["val"]["boxes"] >= 200
+    json_path = os.path.join(root, "annotations", "deepforest_val.json")
+    mtime = os.path.getmtime(json_path)
+    assert prepare_deepforest(root) == stats and os.path.getmtime(json_path) == mtime  # idempotent
+    with open(json_path) as f:
+        assert json.load(f)["categories"] == [{"id": 1, "name": "tree"}]
+
+    DatasetCatalog.remove("deepforest_trees_val")  # registered at import under datasets/
+    MetadataCatalog.remove("deepforest_trees_val")
+    register_deepforest(root)
+    dicts = DatasetCatalog.get("deepforest_trees_val")
+    meta = MetadataCatalog.get("deepforest_trees_val")
+    assert meta.thing_classes == ["tree"] and meta.evaluator_type == "coco"
+    assert len(dicts) == stats["val"]["images"]
+    for d in dicts:
+        assert os.path.exists(d["file_name"])
+        for a in d["annotations"]:
+            x, y, w, h = a["bbox"]
+            assert w > 0 and h > 0 and x + w <= d["width"] and y + h <= d["height"]
