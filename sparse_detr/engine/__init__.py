@@ -1,0 +1,15 @@
+"""Training of Sparse DETR with Detectron2's engine."""
+from .optimizer import (
+    build_sparse_detr_optimizer,
+    get_sparse_detr_param_groups,
+    maybe_add_full_model_gradient_clipping,
+)
+from .trainer import Trainer
+
+__all__ = [
+    "Trainer",
+    "build_sparse_detr_optimizer",
+    "get_sparse_detr_param_groups",
+    "maybe_add_full_model_gradient_clipping",
+]
+from . import pretrained  # noqa: E402,F401  (registers the imgsim:// path handler)

@@ -1,0 +1,72 @@
+"""`Trainer`: Detectron2's DefaultTrainer with Sparse DETR's data mapper, optimizer and evaluator."""
+import logging
+import os
+import weakref
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data import build_dataset_mapper
+from .optimizer import build_sparse_detr_optimizer
+
+__all__ = ["Trainer"]
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for Sparse DETR.
+
+    * train/test loaders use the mapper named by INPUT.DATASET_MAPPER ("detr": official augmentation);
+    * the optimizer is `build_sparse_detr_optimizer` (AdamW groups, full-model gradient clipping);
+    * the evaluator is chosen by the test dataset's `evaluator_type` ("coco": COCOEvaluator);
+    * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
+      for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it.
+    """
+
+    def __init__(self, cfg):
+        # Same construction order as DefaultTrainer.__init__, which cannot be reused because it
+        # calls create_ddp_model(model) with the local rank as device id, invalid for CPU models.
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(
+            model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
+        )
+        trainer_type = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_type(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_sparse_detr_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_dataset_mapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
+        if evaluator_type != "coco":
+            raise NotImplementedError(
+                f"no evaluator for dataset {dataset_name!r} of evaluator_type {evaluator_type!r}"
+            )
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
