@@ -1,0 +1,55 @@
+"""Decoder cross-attention map (DAM): where the decoder looks, splatted on the flattened token grid."""
+from typing import Sequence, Tuple
+
+import torch
+
+__all__ = ["decoder_attention_map", "topk_token_target", "DAM_CONVENTIONS"]
+
+# "official": pixel coordinate loc * size (the official code, half a cell right/down of where the
+# attention op samples); "exact": loc * size - 0.5, the op's own bilinear footprint.
+DAM_CONVENTIONS = {"official": 0.0, "exact": 0.5}
+
+
+@torch.no_grad()
+def decoder_attention_map(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                          shapes: Sequence[Tuple[int, int]], level_start_index: torch.Tensor,
+                          convention: str = "official") -> torch.Tensor:
+    """Bilinearly splat every sampling point's attention weight on the token grid, summed.
+
+    Args:
+        sampling_locations: (B, layers, Q, M, L, P, 2) normalised (x, y).
+        attention_weights: (B, layers, Q, M, L, P).
+        shapes: (H_l, W_l) per level. level_start_index: (L,) int64.
+        convention: a key of DAM_CONVENTIONS.
+    Returns:
+        (B, N) float32 DAM summed over layers, queries, heads and points; the four bilinear
+        neighbours of a point share its weight, neighbours outside their level's map are dropped.
+    """
+    B, L = sampling_locations.shape[0], len(shapes)
+    locs = sampling_locations.detach().float().transpose(-3, -2).reshape(B, -1, L, 2)  # level last
+    weights = attention_weights.detach().float().transpose(-2, -1).reshape(B, -1, L)
+    size_wh = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=locs.device)
+    pix = locs * size_wh - DAM_CONVENTIONS[convention]  # (B, S, L, 2) pixel coordinates (col, row)
+    low = pix.floor()
+    frac = pix - low
+    low = low.long()
+    size_wh = size_wh.long()
+    dam = weights.new_zeros(B, sum(h * w for h, w in shapes))
+    for dx in (0, 1):
+        for dy in (0, 1):
+            col, row = low[..., 0] + dx, low[..., 1] + dy
+            bilinear = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+            inside = (col >= 0) & (col < size_wh[:, 0]) & (row >= 0) & (row < size_wh[:, 1])
+            index = (row * size_wh[:, 0] + col + level_start_index) * inside
+            dam.scatter_add_(1, index.flatten(1), (weights * bilinear * inside).flatten(1))
+    return dam
+
+
+@torch.no_grad()
+def topk_token_target(scores: torch.Tensor, mask_flatten: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Binary (B, N) target: 1 on the top-`counts[i]` tokens of image i by `scores`, padding excluded."""
+    scores = scores.masked_fill(mask_flatten, float("-inf"))
+    k = int(counts.max())
+    index = scores.topk(k, dim=1).indices
+    keep = torch.arange(k, device=scores.device)[None] < counts[:, None]
+    return torch.zeros_like(scores).scatter_(1, index, keep.to(scores.dtype))

@@ -1,0 +1,352 @@
+"""`SparseDETR`: the Detectron2 meta-architecture of Sparse DETR (and of Deformable DETR with RHO 0)."""
+import copy
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from ..layers.position_encoding import PositionEmbeddingSine
+from .criterion import SetCriterion, build_weight_dict
+from .dam import DAM_CONVENTIONS
+from .matcher import HungarianMatcher
+from .token_scoring import TOKEN_SCORERS
+from .transformer import SparseDeformableTransformer
+from .utils import MLP, box_from_delta, level_masks
+
+__all__ = ["SparseDETR", "validate_sparse_detr_config"]
+
+
+def validate_sparse_detr_config(cfg) -> None:
+    """Raise ValueError naming the offending MODEL.SPARSE_DETR key for inconsistent settings."""
+    sd = cfg.MODEL.SPARSE_DETR
+    key = "MODEL.SPARSE_DETR."
+    for name in ("RHO", "TEST_RHO"):
+        value = getattr(sd, name)
+        if value > 1 or (value < 0 and name == "RHO"):
+            allowed = "[0, 1]" if name == "RHO" else "[0, 1] (or negative: same as RHO)"
+            raise ValueError(f"{key}{name}={value} is outside {allowed}")
+    if sd.TEST_RHO > 0 and sd.RHO == 0:
+        raise ValueError(f"{key}TEST_RHO={sd.TEST_RHO} > 0 needs the scoring network, which is built only when "
+                         f"{key}RHO > 0 (RHO=0 is the dense encoder)")
+    if sd.SELECTION not in TOKEN_SCORERS:
+        raise ValueError(f"{key}SELECTION={sd.SELECTION!r}; allowed: {sorted(TOKEN_SCORERS)}")
+    if sd.DAM_CONVENTION not in DAM_CONVENTIONS:
+        raise ValueError(f"{key}DAM_CONVENTION={sd.DAM_CONVENTION!r}; allowed: {sorted(DAM_CONVENTIONS)}")
+    if sd.HIDDEN_DIM % sd.NHEADS != 0:
+        raise ValueError(f"{key}HIDDEN_DIM={sd.HIDDEN_DIM} must be divisible by {key}NHEADS={sd.NHEADS}")
+    if sd.HIDDEN_DIM % 32 != 0:
+        raise ValueError(f"{key}HIDDEN_DIM={sd.HIDDEN_DIM} must be a multiple of 32 (GroupNorm(32) input projections)")
+    if sd.NUM_FEATURE_LEVELS < len(sd.IN_FEATURES):
+        raise ValueError(f"{key}NUM_FEATURE_LEVELS={sd.NUM_FEATURE_LEVELS} must be >= len({key}IN_FEATURES)="
+                         f"{len(sd.IN_FEATURES)}; extra levels come from stride-2 convolutions on the last one")
+    if not sd.TWO_STAGE:
+        for name in ("EFF_QUERY_INIT", "EFF_SPECIFIC_HEAD"):
+            if getattr(sd, name):
+                raise ValueError(f"{key}{name}=True applies to two-stage queries only: set {key}TWO_STAGE=True "
+                                 f"or {key}{name}=False")
+    for name in ("ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES"):
+        if getattr(sd, name) < 1:
+            raise ValueError(f"{key}{name}={getattr(sd, name)} must be >= 1")
+
+
+@META_ARCH_REGISTRY.register()
+class SparseDETR(nn.Module):
+    """Sparse DETR (Roh et al., ICLR 2022) on a Detectron2 backbone.
+
+    Pipeline (each step a method with a documented dict interface):
+    `preprocess_image` -> `pre_transformer` (backbone, input projections, masks, positions, flatten)
+    -> `forward_encoder` (scoring network, top-rho selection, sparse encoder, encoder aux heads)
+    -> `pre_decoder` (two-stage queries) -> `forward_decoder` -> `forward_heads`.
+    `forward_raw(batched_inputs)` returns the official output dict (see `forward_raw`); `forward` returns
+    weighted losses in training and `[{"instances": Instances}]` in inference.
+
+    Heads (official names and order): `class_embed.i` / `bbox_embed.i` for the decoder layers
+    i < DEC_LAYERS, then the two-stage proposal head (i = DEC_LAYERS), then the encoder auxiliary heads;
+    a single shared head (index 0) unless box refinement or the encoder auxiliary loss is on.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: Backbone, in_features: Sequence[str], transformer: SparseDeformableTransformer,
+                 criterion: SetCriterion, weight_dict: Dict[str, float], num_classes: int, num_queries: int,
+                 num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
+                 use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
+                 pixel_std: Sequence[float], detections_per_image: int = 100):
+        """
+        Args:
+            backbone: gives `in_features` (strides increasing). transformer: see SparseDeformableTransformer.
+            criterion: Hungarian set criterion; weight_dict: weight of every loss name.
+            rho, test_rho: keep ratios in training and at inference (0: dense encoder).
+            aux_loss: decoder auxiliary outputs and losses. with_box_refine: iterative box refinement
+                (and one head per prediction). use_enc_aux_loss: encoder auxiliary heads after every
+                encoder layer but the last. enc_aux_heads_at_inference: run them in inference too.
+            pixel_mean, pixel_std: of the input images, in their units (cfg.MODEL.PIXEL_MEAN/STD).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        self.transformer = transformer
+        self.criterion = criterion
+        self.weight_dict = dict(weight_dict)
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.rho = rho
+        self.test_rho = test_rho
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.use_enc_aux_loss = use_enc_aux_loss
+        self.enc_aux_heads_at_inference = enc_aux_heads_at_inference
+        self.detections_per_image = detections_per_image
+        # Stored for images scaled by 1/255 (divided in float64: exactly torchvision's Normalize constants).
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
+
+        d_model = transformer.d_model
+        shapes = backbone.output_shape()
+        self.input_proj = nn.ModuleList()
+        in_channels = [shapes[f].channels for f in self.in_features]
+        for lvl in range(num_feature_levels):
+            if lvl < len(in_channels):
+                conv = nn.Conv2d(in_channels[lvl], d_model, kernel_size=1)
+            else:  # extra level: stride-2 conv on the raw last backbone map, then on the previous level
+                c_in = in_channels[-1] if lvl == len(in_channels) else d_model
+                conv = nn.Conv2d(c_in, d_model, kernel_size=3, stride=2, padding=1)
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.constant_(conv.bias, 0)
+            self.input_proj.append(nn.Sequential(conv, nn.GroupNorm(32, d_model)))
+        self.position_embedding = PositionEmbeddingSine(num_pos_feats=d_model // 2)
+
+        self.num_dec_layers = transformer.decoder.num_layers
+        self.num_enc_aux = transformer.encoder.num_layers - 1 if use_enc_aux_loss else 0
+        two_stage = transformer.two_stage
+        num_pred = self.num_dec_layers + int(two_stage) + self.num_enc_aux
+        class_head = nn.Linear(d_model, num_classes)
+        nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))
+        bbox_head = MLP(d_model, d_model, 4, 3)
+        nn.init.constant_(bbox_head.layers[-1].weight, 0)
+        nn.init.constant_(bbox_head.layers[-1].bias, 0)
+        copies = num_pred if (with_box_refine or use_enc_aux_loss) else 1  # official: clones or one shared
+        self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(copies))
+        self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_head) for _ in range(copies))
+        if not two_stage:  # official: head 0 starts with small boxes; two-stage keeps 0 everywhere
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_sparse_detr_config(cfg)
+        sd = cfg.MODEL.SPARSE_DETR
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        missing = [f for f in sd.IN_FEATURES if f not in backbone.output_shape()]
+        if missing:
+            raise ValueError(f"MODEL.SPARSE_DETR.IN_FEATURES {missing} are not outputs of the backbone "
+                             f"({sorted(backbone.output_shape())})")
+        matcher = HungarianMatcher(cost_class=sd.SET_COST_CLASS, cost_bbox=sd.SET_COST_BBOX,
+                                   cost_giou=sd.SET_COST_GIOU, focal_alpha=sd.FOCAL_ALPHA)
+        criterion = SetCriterion(sd.NUM_CLASSES, matcher, focal_alpha=sd.FOCAL_ALPHA,
+                                 enc_class_specific=sd.EFF_SPECIFIC_HEAD)
+        weight_dict = build_weight_dict(
+            sd.CLS_LOSS_COEF, sd.BBOX_LOSS_COEF, sd.GIOU_LOSS_COEF, sd.MASK_PREDICTION_COEF,
+            dec_layers=sd.DEC_LAYERS if sd.AUX_LOSS else 1, two_stage=sd.TWO_STAGE,
+            enc_aux_layers=sd.ENC_LAYERS - 1 if sd.USE_ENC_AUX_LOSS else 0)
+        return {
+            "backbone": backbone, "in_features": sd.IN_FEATURES, "transformer": SparseDeformableTransformer(cfg),
+            "criterion": criterion, "weight_dict": weight_dict, "num_classes": sd.NUM_CLASSES,
+            "num_queries": sd.NUM_QUERIES, "num_feature_levels": sd.NUM_FEATURE_LEVELS, "rho": sd.RHO,
+            "test_rho": sd.TEST_RHO if sd.TEST_RHO >= 0 else sd.RHO, "aux_loss": sd.AUX_LOSS,
+            "with_box_refine": sd.WITH_BOX_REFINE, "use_enc_aux_loss": sd.USE_ENC_AUX_LOSS,
+            "enc_aux_heads_at_inference": sd.ENC_AUX_HEADS_AT_INFERENCE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------------------------------ heads
+    def _heads(self, index: int):
+        """(class head, bbox head) number `index` in the official order (index 0 when shared)."""
+        i = index if len(self.class_embed) > 1 else 0
+        return self.class_embed[i], self.bbox_embed[i]
+
+    def decoder_heads(self):
+        return [self._heads(i) for i in range(self.num_dec_layers)]
+
+    def proposal_heads(self):
+        return self._heads(self.num_dec_layers)
+
+    def encoder_aux_heads(self):
+        first = self.num_dec_layers + int(self.transformer.two_stage)
+        return [self._heads(first + i) for i in range(self.num_enc_aux)]
+
+    # ------------------------------------------------------------------------------------------ steps
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise and pad (bottom/right, zeros after normalisation) to the largest image.
+
+        (x - PIXEL_MEAN) / PIXEL_STD is evaluated as (x / 255 - pixel_mean) / pixel_std with the buffers
+        holding PIXEL_MEAN / 255 and PIXEL_STD / 255: the float32 rounding of torchvision's ToTensor +
+        Normalize that the official model sees (bit-identical inputs for 0..255 images).
+        """
+        images = [(x["image"].to(self.device).float() / 255 - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images)
+
+    def pre_transformer(self, images: ImageList) -> Dict:
+        """Backbone, input projections, padding masks from `images.image_sizes`, sine positions, flatten.
+
+        Returns:
+            the dict of `SparseDeformableTransformer.flatten` ("src", "pos", "mask_flatten",
+            "spatial_shapes", "spatial_shapes_list", "level_start_index", "valid_ratios", "anchors",
+            "anchor_valid").
+        """
+        x = images.tensor
+        sizes = torch.as_tensor(images.image_sizes, device=x.device)  # (B, 2) (h, w)
+        image_mask = ((torch.arange(x.shape[-2], device=x.device)[None, :, None] >= sizes[:, 0, None, None])
+                      | (torch.arange(x.shape[-1], device=x.device)[None, None, :] >= sizes[:, 1, None, None]))
+        features = self.backbone(x)
+        feats = [features[f] for f in self.in_features]
+        srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
+        for proj in list(self.input_proj)[len(feats):]:
+            srcs.append(proj(feats[-1] if len(srcs) == len(feats) else srcs[-1]))
+        masks = level_masks(image_mask, [s.shape[-2:] for s in srcs])
+        pos = [self.position_embedding(m).to(s.dtype) for m, s in zip(masks, srcs)]
+        return self.transformer.flatten(srcs, masks, pos)
+
+    def forward_encoder(self, x: Dict, rho: float, with_aux: bool, return_sampling: bool = False) -> Dict:
+        """See `SparseDeformableTransformer.forward_encoder`; `with_aux` runs the encoder aux heads."""
+        aux_heads = self.encoder_aux_heads() if with_aux else ()
+        return self.transformer.forward_encoder(x, rho, aux_heads, return_sampling)
+
+    def pre_decoder(self, x: Dict, memory: torch.Tensor) -> Dict:
+        """See `SparseDeformableTransformer.pre_decoder`."""
+        if self.transformer.two_stage:
+            return self.transformer.pre_decoder(x, memory, proposal_heads=self.proposal_heads())
+        return self.transformer.pre_decoder(x, memory, query_embed=self.query_embed.weight)
+
+    def forward_decoder(self, x: Dict, memory: torch.Tensor, queries: Dict) -> Dict:
+        """See `Decoder.forward`; refines boxes with the decoder bbox heads when WITH_BOX_REFINE."""
+        bbox_heads = [b for _, b in self.decoder_heads()] if self.with_box_refine else None
+        return self.transformer.forward_decoder(x, memory, queries, bbox_heads)
+
+    def forward_heads(self, dec: Dict) -> Dict:
+        """Per decoder layer: class logits and boxes relative to the layer's reference.
+
+        Returns:
+            "pred_logits" (B, Q, classes), "pred_boxes" (B, Q, 4) cxcywh normalised to each image's
+            own size, of the last layer; with AUX_LOSS "aux_outputs": the same for the other layers.
+        """
+        layers = range(self.num_dec_layers) if self.aux_loss else [self.num_dec_layers - 1]
+        preds = []
+        for lvl in layers:
+            class_head, bbox_head = self._heads(lvl)
+            hs = dec["hs"][lvl]
+            preds.append({"pred_logits": class_head(hs), "pred_boxes": box_from_delta(bbox_head(hs), dec["references"][lvl])})
+        out = dict(preds[-1])
+        if self.aux_loss:
+            out["aux_outputs"] = preds[:-1]
+        return out
+
+    def run(self, images: ImageList, rho: float, with_enc_aux: bool, raw: bool = False) -> Dict:
+        """The whole network on preprocessed images; returns the raw output dict (see `forward_raw`)."""
+        x = self.pre_transformer(images)
+        enc = self.forward_encoder(x, rho, with_enc_aux, return_sampling=raw)
+        queries = self.pre_decoder(x, enc["memory"])
+        dec = self.forward_decoder(x, enc["memory"], queries)
+        out = self.forward_heads(dec)
+        for key in ("backbone_mask_prediction", "backbone_topk_proposals", "sparse_token_nums",
+                    "sampling_locations_enc", "attn_weights_enc"):
+            if key in enc:
+                out[key] = enc[key]
+        if with_enc_aux and self.num_enc_aux:
+            out["aux_outputs_enc"] = enc["aux_outputs_enc"]
+        if "enc_outputs" in queries:
+            out["enc_outputs"] = queries["enc_outputs"]
+        for key in ("spatial_shapes", "spatial_shapes_list", "level_start_index", "mask_flatten", "valid_ratios"):
+            out[key] = x[key]
+        out["sampling_locations_dec"] = dec["sampling_locations_dec"]
+        out["attn_weights_dec"] = dec["attn_weights_dec"]
+        if raw:
+            out["memory"] = enc["memory"]
+        return out
+
+    def forward_raw(self, batched_inputs: List[Dict], rho: Optional[float] = None) -> Dict:
+        """The official output dict for `batched_inputs`, with every head (encoder aux heads included).
+
+        Keys (official names): "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) cxcywh normalised to each
+        image's own size; "aux_outputs" (decoder layers 0 .. L-2, if AUX_LOSS); "enc_outputs" (two-stage,
+        all N tokens); "aux_outputs_enc" (encoder aux heads, K selected tokens); "backbone_mask_prediction"
+        (B, N); "backbone_topk_proposals" (B, K); "sparse_token_nums" (B,); "sampling_locations_dec"
+        (B, Ld, Q, M, L, P, 2); "attn_weights_dec"; "spatial_shapes"; "level_start_index"; "mask_flatten";
+        extras: "spatial_shapes_list", "valid_ratios", "memory" (B, N, C), "sampling_locations_enc",
+        "attn_weights_enc" (B, Le, K or N, ...), and with rho > 0 the scorer's targets ("dam" (B, N) and
+        "scoring_target" (B, N) for SELECTION "dam"). Keys that need inputs' "instances" are absent.
+        rho defaults to RHO in training mode and TEST_RHO in eval mode.
+        """
+        rho = self.current_rho() if rho is None else rho
+        images = self.preprocess_image(batched_inputs)
+        out = self.run(images, rho, with_enc_aux=True, raw=True)
+        if rho > 0:
+            targets = self.prepare_targets(batched_inputs, images) if "instances" in batched_inputs[0] else None
+            out.update(self.transformer.enc_mask_predictor.compute_target(out, targets))
+        return out
+
+    def current_rho(self) -> float:
+        return self.rho if self.training else self.test_rho
+
+    # ------------------------------------------------------------------------------------------ train / test
+    def forward(self, batched_inputs: List[Dict]):
+        """Detectron2 interface: weighted losses in training, `[{"instances": Instances}]` in inference."""
+        images = self.preprocess_image(batched_inputs)
+        rho = self.current_rho()
+        if self.training:
+            out = self.run(images, rho, with_enc_aux=True)
+            targets = self.prepare_targets(batched_inputs, images)
+            losses = self.losses(out, targets)
+            return {k: v * self.weight_dict[k] for k, v in losses.items()}
+        out = self.run(images, rho, with_enc_aux=self.enc_aux_heads_at_inference)
+        return self.postprocess(out, images, batched_inputs)
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """Ground truth of each image: "labels" (n,) and "boxes" (n, 4) cxcywh normalised to its size."""
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"].to(self.device)
+            scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(inst.gt_boxes.tensor / scale, "xyxy", "cxcywh")
+            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+        return targets
+
+    def losses(self, out: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
+        """Unweighted losses: the criterion's (every prediction set) and the scoring loss (rho > 0)."""
+        losses = self.criterion(out, targets)
+        if "backbone_mask_prediction" in out:
+            scorer = self.transformer.enc_mask_predictor
+            out = {**out, **scorer.compute_target(out, targets)}
+            losses.update(scorer.loss(out))
+        return losses
+
+    def postprocess(self, out: Dict, images: ImageList, batched_inputs: List[Dict]) -> List[Dict]:
+        """Top `detections_per_image` (query, class) pairs by sigmoid score, boxes rescaled to the
+        requested output size ("height"/"width" of each input, default its input size)."""
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        B, Q, C = logits.shape
+        scores, index = logits.sigmoid().view(B, -1).topk(min(self.detections_per_image, Q * C), dim=1)
+        labels = index % C
+        boxes = box_convert(boxes.gather(1, (index // C)[..., None].expand(-1, -1, 4)), "cxcywh", "xyxy")
+        results = []
+        for i, (h, w) in enumerate(images.image_sizes):
+            inst = Instances((h, w))
+            inst.pred_boxes = Boxes(boxes[i] * torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device))
+            inst.scores = scores[i]
+            inst.pred_classes = labels[i]
+            x = batched_inputs[i]
+            results.append({"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))})
+        return results
