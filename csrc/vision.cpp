@@ -26,6 +26,15 @@ int64_t cuda_version() {
 TORCH_LIBRARY_FRAGMENT(sparse_detr, m) {
   m.def("has_cuda() -> bool", &sparse_detr::has_cuda);
   m.def("cuda_version() -> int", &sparse_detr::cuda_version);
+  // Multi-scale deformable attention (csrc/ms_deform_attn/): kernels for CPU and CUDA, an autocast rule;
+  // autograd and fake (meta) kernels are registered from Python in sparse_detr/layers/ms_deform_attn.py.
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> (Tensor grad_value, Tensor grad_sampling_locations, "
+      "Tensor grad_attention_weights)");
 }
 
 // A Python module object so that `import sparse_detr._C` loads the library (and its registrations).
