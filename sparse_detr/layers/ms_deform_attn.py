@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention: the functional op and its pure-PyTorch reference.
+"""Multi-scale deformable attention: the functional op, its dispatch, and its pure-PyTorch reference.
 
 Shapes (official / Hugging Face semantics):
     value               (N, S, M, D)      S = sum of H_l*W_l over levels, M heads, D channels per head
@@ -8,11 +8,19 @@ Shapes (official / Hugging Face semantics):
     attention_weights   (N, Lq, M, L, P)
     output              (N, Lq, M*D)
 Bilinear sampling at pixel coordinate `loc * size - 0.5`, zero outside the map.
+
+Backends: the compiled kernels `torch.ops.sparse_detr.ms_deform_attn_forward/_backward` (csrc/ms_deform_attn/,
+CPU always, CUDA when built with it) and `ms_deform_attn_reference` (`grid_sample`). `ms_deform_attn` takes the
+kernel for the tensor's device when there is one, else the reference; `SPARSE_DETR_MSDA=reference` forces the
+reference. Importing this module registers the op's autograd formula and its fake (meta) kernels, so the
+compiled op works under autograd, `torch.compile` and `torch.export`; its autocast rule is in C++.
 """
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
+from .. import _ext
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "backend_for_device"]
 
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -35,17 +43,55 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
 
 
+def _use_kernel(device):
+    if _ext.force_reference() or not _ext.has_extension():
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and _ext.has_cuda_kernels())
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Dispatching entry point (compiled kernel when available, else the reference)."""
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    """Dispatching entry point: the compiled kernel for `value.device` when present, else the reference.
+
+    `spatial_shapes` may also be a list of (H, W) and `level_start_index` a list; the kernel honours
+    `level_start_index` as given (each level must fit inside S).
+    """
+    if not _use_kernel(value.device):
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights)
+    if not torch.is_tensor(spatial_shapes):
+        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=value.device)
+    if not torch.is_tensor(level_start_index):
+        level_start_index = torch.as_tensor(level_start_index, dtype=torch.long, device=value.device)
+    return torch.ops.sparse_detr.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                                        sampling_locations, attention_weights)
 
 
 def backend_for_device(device):
     """Name of the implementation `ms_deform_attn` uses for tensors on `device` ("cpu"/"cuda")."""
-    from .. import _ext
+    return "compiled kernel" if _use_kernel(torch.device(device)) else "reference (grid_sample)"
 
-    if _ext.force_reference() or not _ext.has_extension():
-        return "reference (grid_sample)"
-    if str(device).startswith("cuda") and not _ext.has_cuda_kernels():
-        return "reference (grid_sample)"
-    return "compiled kernel"
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = torch.ops.sparse_detr.ms_deform_attn_backward(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    N, _, M, D = value.shape
+    return value.new_empty((N, sampling_locations.shape[1], M * D))
+
+
+def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+if _ext.has_extension():
+    torch.library.register_autograd("sparse_detr::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+    torch.library.register_fake("sparse_detr::ms_deform_attn_forward")(_forward_fake)
+    torch.library.register_fake("sparse_detr::ms_deform_attn_backward")(_backward_fake)
