@@ -6,10 +6,10 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import EventStorage
+from detectron2.utils.events import EventStorage, get_event_storage
 
 from sparse_detr.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
-from sparse_detr.modeling.dam import decoder_attention_map, topk_token_target
+from sparse_detr.modeling.dam import dam_coverage, decoder_attention_map, topk_token_target
 from sparse_detr.modeling.encoder import SparseEncoder, SparseEncoderLayer
 from sparse_detr.modeling.transformer import select_tokens
 from sparse_detr.modeling.utils import encoder_anchors, encoder_reference_points, level_masks, valid_ratio
@@ -114,6 +114,14 @@ def test_topk_token_target_excludes_padding():
     torch.testing.assert_close(target, torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
 
 
+def test_dam_coverage():
+    dam = torch.tensor([[1.0, 3.0, 2.0, 2.0], [4.0, 0.0, 1.0, 3.0]])  # two levels of 2 tokens
+    corr = dam_coverage(dam, torch.tensor([[1, 2], [3, 0]]), torch.tensor([0, 2]))
+    assert corr["corr_mask_attn_map_dec_all"].item() == pytest.approx((5 / 8 + 7 / 8) / 2)
+    assert corr["corr_mask_attn_map_dec_0"].item() == pytest.approx((3 / 4 + 4 / 4) / 2)
+    assert corr["corr_mask_attn_map_dec_1"].item() == pytest.approx((2 / 4 + 3 / 4) / 2)
+
+
 def test_sparse_encoder_with_all_tokens_selected_equals_dense():
     torch.manual_seed(0)
     layer = SparseEncoderLayer(d_model=16, d_ffn=32, dropout=0.0, n_levels=2, n_heads=2, n_points=2)
@@ -146,9 +154,12 @@ def _expected_loss_keys(dec_layers=2, enc_layers=2, two_stage=True, enc_aux=True
 
 
 def test_training_step_losses_and_gradients():
-    model = _build()
-    losses = _train_losses(model, make_inputs([(64, 96), (80, 64)]))
+    model = _build().train()
+    with EventStorage():
+        losses = model(make_inputs([(64, 96), (80, 64)]))
+        logged = get_event_storage().latest()
     assert set(losses) == _expected_loss_keys()
+    assert {f"corr_mask_attn_map_dec_{n}" for n in ("all", 0, 1, 2, 3)} <= set(logged)
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     sum(losses.values()).backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -180,7 +191,8 @@ def test_weighted_losses_use_official_weights():
     weighted = _train_losses(model, inputs)
     images = model.preprocess_image(inputs)
     raw = model.run(images, model.rho, with_enc_aux=True)
-    unweighted = model.losses(raw, model.prepare_targets(inputs, images))
+    with EventStorage():
+        unweighted = model.losses(raw, model.prepare_targets(inputs, images))
     for k, v in unweighted.items():
         torch.testing.assert_close(weighted[k], v * model.weight_dict[k])
 

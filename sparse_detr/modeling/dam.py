@@ -1,9 +1,9 @@
 """Decoder cross-attention map (DAM): where the decoder looks, splatted on the flattened token grid."""
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
-__all__ = ["decoder_attention_map", "topk_token_target", "DAM_CONVENTIONS"]
+__all__ = ["decoder_attention_map", "topk_token_target", "dam_coverage", "DAM_CONVENTIONS"]
 
 # "official": pixel coordinate loc * size (the official code, half a cell right/down of where the
 # attention op samples); "exact": loc * size - 0.5, the op's own bilinear footprint.
@@ -53,3 +53,24 @@ def topk_token_target(scores: torch.Tensor, mask_flatten: torch.Tensor, counts: 
     index = scores.topk(k, dim=1).indices
     keep = torch.arange(k, device=scores.device)[None] < counts[:, None]
     return torch.zeros_like(scores).scatter_(1, index, keep.to(scores.dtype))
+
+
+@torch.no_grad()
+def dam_coverage(dam: torch.Tensor, topk_inds: torch.Tensor, level_start_index: torch.Tensor
+                 ) -> Dict[str, torch.Tensor]:
+    """Share of the DAM mass on the selected tokens (the official `corr` diagnostics).
+
+    Args:
+        dam: (B, N). topk_inds: (B, K) all K selected tokens of every image (official: surplus included).
+        level_start_index: (L,).
+    Returns:
+        "corr_mask_attn_map_dec_all" and "corr_mask_attn_map_dec_{l}" per level: per image, the selected
+        tokens' share of the DAM mass (of the level), averaged over the batch.
+    """
+    selected = torch.zeros_like(dam).scatter_(1, topk_inds, 1.0)
+    bounds = level_start_index.tolist() + [dam.shape[1]]
+    spans = {"all": (0, dam.shape[1])}
+    spans.update({str(lvl): (bounds[lvl], bounds[lvl + 1]) for lvl in range(len(bounds) - 1)})
+    return {f"corr_mask_attn_map_dec_{name}":
+            ((dam[:, a:b] * selected[:, a:b]).sum(1) / dam[:, a:b].sum(1).clamp(min=1e-12)).mean()
+            for name, (a, b) in spans.items()}

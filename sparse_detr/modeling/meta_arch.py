@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import nn
 from torchvision.ops import box_convert
 
@@ -325,12 +326,17 @@ class SparseDETR(nn.Module):
         return targets
 
     def losses(self, out: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Unweighted losses: the criterion's (every prediction set) and the scoring loss (rho > 0)."""
+        """Unweighted losses: the criterion's (every prediction set) and the scoring loss (rho > 0); in
+        training the scorer's diagnostics (official `corr_*`) go to the event storage."""
         losses = self.criterion(out, targets)
         if "backbone_mask_prediction" in out:
             scorer = self.transformer.enc_mask_predictor
             out = {**out, **scorer.compute_target(out, targets)}
             losses.update(scorer.loss(out))
+            if self.training:
+                storage = get_event_storage()
+                for name, value in out.get("metrics", {}).items():
+                    storage.put_scalar(name, float(value))
         return losses
 
     def postprocess(self, out: Dict, images: ImageList, batched_inputs: List[Dict]) -> List[Dict]:

@@ -8,7 +8,8 @@ Interface of a scorer (an `nn.Module` registered with `register_token_scorer(nam
     __init__(cfg-built kwargs), from_config(cfg)
     forward(tokens (B, N, C)) -> logits (B, N)
     compute_target(outputs: dict, targets: list[dict]) -> dict with "scoring_target" (B, N) float in
-        {0, 1} (plus diagnostics, e.g. "dam"); `outputs` is the model's raw output dict.
+        {0, 1}, optionally "metrics" (name -> 0-d tensor, logged in training) and other tensors (e.g.
+        "dam"); `outputs` is the model's raw output dict.
     loss(outputs: dict) -> {"loss_mask_prediction": scalar}, using outputs["backbone_mask_prediction"]
         and outputs["scoring_target"].
 """
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .dam import DAM_CONVENTIONS, decoder_attention_map, topk_token_target
+from .dam import DAM_CONVENTIONS, dam_coverage, decoder_attention_map, topk_token_target
 
 __all__ = ["TOKEN_SCORERS", "register_token_scorer", "build_token_scorer", "TokenScorer", "DAMTokenScorer"]
 
@@ -93,10 +94,12 @@ class DAMTokenScorer(TokenScorer):
 
     @torch.no_grad()
     def compute_target(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Returns "dam" (B, N) and "scoring_target" (B, N); needs the decoder's
-        "sampling_locations_dec", "attn_weights_dec", the token geometry and "sparse_token_nums"."""
+        """Returns "dam" (B, N), "scoring_target" (B, N) and the official `corr_*` coverage "metrics";
+        needs the decoder's "sampling_locations_dec", "attn_weights_dec", the token geometry,
+        "sparse_token_nums" and "backbone_topk_proposals"."""
         dam = decoder_attention_map(outputs["sampling_locations_dec"], outputs["attn_weights_dec"],
                                     outputs["spatial_shapes_list"], outputs["level_start_index"],
                                     self.dam_convention)
         target = topk_token_target(dam, outputs["mask_flatten"], outputs["sparse_token_nums"])
-        return {"dam": dam, "scoring_target": target}
+        metrics = dam_coverage(dam, outputs["backbone_topk_proposals"], outputs["level_start_index"])
+        return {"dam": dam, "scoring_target": target, "metrics": metrics}
