@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage, get_event_storage
 
 from sparse_detr.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding

@@ -3,11 +3,16 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-__all__ = ["decoder_attention_map", "topk_token_target", "dam_coverage", "DAM_CONVENTIONS"]
+__all__ = ["decoder_attention_map", "topk_token_target", "dam_coverage", "check_dam_convention", "DAM_CONVENTIONS"]
 
 # "official": pixel coordinate loc * size (the official code, half a cell right/down of where the
 # attention op samples); "exact": loc * size - 0.5, the op's own bilinear footprint.
 DAM_CONVENTIONS = {"official": 0.0, "exact": 0.5}
+
+
+def check_dam_convention(name: str) -> None:
+    if name not in DAM_CONVENTIONS:
+        raise ValueError(f"MODEL.SPARSE_DETR.DAM_CONVENTION={name!r}; allowed: {sorted(DAM_CONVENTIONS)}")
 
 
 @torch.no_grad()

@@ -81,8 +81,8 @@ class Decoder(nn.Module):
                 sigmoid(head(out) + inverse_sigmoid(reference)), detached. None: fixed references.
         Returns:
             "hs" (layers, B, Q, C) every layer's output; "references": per layer, the (B, Q, 2|4)
-            reference its output is relative to (its input reference; points become boxes once refined); "sampling_locations_dec"
-            (B, layers, Q, M, L, P, 2); "attn_weights_dec" (B, layers, Q, M, L, P).
+            reference its output is relative to (its input reference; points become boxes once refined);
+            "sampling_locations_dec" (B, layers, Q, M, L, P, 2); "attn_weights_dec" (B, layers, Q, M, L, P).
         """
         hs, references, locations, weights = [], [], [], []
         for lid, layer in enumerate(self.layers):

@@ -4,7 +4,6 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
@@ -15,9 +14,9 @@ from torchvision.ops import box_convert
 
 from ..layers.position_encoding import PositionEmbeddingSine
 from .criterion import SetCriterion, build_weight_dict
-from .dam import DAM_CONVENTIONS
+from .dam import check_dam_convention
 from .matcher import HungarianMatcher
-from .token_scoring import TOKEN_SCORERS
+from .token_scoring import get_token_scorer_class
 from .transformer import SparseDeformableTransformer
 from .utils import MLP, box_from_delta, level_masks
 
@@ -36,10 +35,8 @@ def validate_sparse_detr_config(cfg) -> None:
     if sd.TEST_RHO > 0 and sd.RHO == 0:
         raise ValueError(f"{key}TEST_RHO={sd.TEST_RHO} > 0 needs the scoring network, which is built only when "
                          f"{key}RHO > 0 (RHO=0 is the dense encoder)")
-    if sd.SELECTION not in TOKEN_SCORERS:
-        raise ValueError(f"{key}SELECTION={sd.SELECTION!r}; allowed: {sorted(TOKEN_SCORERS)}")
-    if sd.DAM_CONVENTION not in DAM_CONVENTIONS:
-        raise ValueError(f"{key}DAM_CONVENTION={sd.DAM_CONVENTION!r}; allowed: {sorted(DAM_CONVENTIONS)}")
+    get_token_scorer_class(sd.SELECTION)
+    check_dam_convention(sd.DAM_CONVENTION)
     if sd.HIDDEN_DIM % sd.NHEADS != 0:
         raise ValueError(f"{key}HIDDEN_DIM={sd.HIDDEN_DIM} must be divisible by {key}NHEADS={sd.NHEADS}")
     if sd.HIDDEN_DIM % 32 != 0:
@@ -105,8 +102,8 @@ class SparseDETR(nn.Module):
         self.enc_aux_heads_at_inference = enc_aux_heads_at_inference
         self.detections_per_image = detections_per_image
         # Stored for images scaled by 1/255 (divided in float64: exactly torchvision's Normalize constants).
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
+        for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
 
         d_model = transformer.d_model
         shapes = backbone.output_shape()
@@ -249,7 +246,8 @@ class SparseDETR(nn.Module):
         for lvl in layers:
             class_head, bbox_head = self._heads(lvl)
             hs = dec["hs"][lvl]
-            preds.append({"pred_logits": class_head(hs), "pred_boxes": box_from_delta(bbox_head(hs), dec["references"][lvl])})
+            boxes = box_from_delta(bbox_head(hs), dec["references"][lvl])
+            preds.append({"pred_logits": class_head(hs), "pred_boxes": boxes})
         out = dict(preds[-1])
         if self.aux_loss:
             out["aux_outputs"] = preds[:-1]

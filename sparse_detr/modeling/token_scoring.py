@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .dam import DAM_CONVENTIONS, dam_coverage, decoder_attention_map, topk_token_target
+from .dam import check_dam_convention, dam_coverage, decoder_attention_map, topk_token_target
 
-__all__ = ["TOKEN_SCORERS", "register_token_scorer", "build_token_scorer", "TokenScorer", "DAMTokenScorer"]
+__all__ = ["TOKEN_SCORERS", "register_token_scorer", "get_token_scorer_class", "build_token_scorer", "TokenScorer",
+           "DAMTokenScorer"]
 
 TOKEN_SCORERS: Dict[str, type] = {}
 
@@ -37,12 +38,16 @@ def register_token_scorer(name: str):
     return register
 
 
-def build_token_scorer(cfg) -> nn.Module:
-    name = cfg.MODEL.SPARSE_DETR.SELECTION
+def get_token_scorer_class(name: str) -> type:
+    """The scorer registered as `name`; ValueError naming the key and the registered names otherwise."""
     if name not in TOKEN_SCORERS:
-        raise ValueError(f"MODEL.SPARSE_DETR.SELECTION={name!r} is not implemented; "
-                         f"available: {sorted(TOKEN_SCORERS)}")
-    return TOKEN_SCORERS[name](cfg)
+        raise ValueError(f"MODEL.SPARSE_DETR.SELECTION={name!r} is not available; registered token scorers: "
+                         f"{sorted(TOKEN_SCORERS)} (add one with sparse_detr.modeling.register_token_scorer)")
+    return TOKEN_SCORERS[name]
+
+
+def build_token_scorer(cfg) -> nn.Module:
+    return get_token_scorer_class(cfg.MODEL.SPARSE_DETR.SELECTION)(cfg)
 
 
 class TokenScorer(nn.Module):
@@ -70,9 +75,7 @@ class DAMTokenScorer(TokenScorer):
     @configurable
     def __init__(self, d_model: int = 256, hidden_dim: int = 256, dam_convention: str = "official"):
         super().__init__()
-        if dam_convention not in DAM_CONVENTIONS:
-            raise ValueError(f"MODEL.SPARSE_DETR.DAM_CONVENTION={dam_convention!r}; "
-                             f"allowed: {sorted(DAM_CONVENTIONS)}")
+        check_dam_convention(dam_convention)
         self.hidden_dim = hidden_dim
         self.dam_convention = dam_convention
         self.layer1 = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, hidden_dim), nn.GELU())
