@@ -284,7 +284,7 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert err.startswith("error:") and "nothing was written" in err and not (tmp_path / "o.pth").exists()
 
 
-def test_unsupported_backbones_are_named():
+def test_unsupported_official_settings_are_named():
     args = {**OFFICIAL_DEFAULTS, **SMALL, **LAYOUTS["efficient_detr"]}
     arch = OfficialArchitecture(args, num_classes=91)
     state = _official_state_dict({k: v for k, v in build_model(build_official_cfg(arch, 91)).state_dict().items()
@@ -294,6 +294,8 @@ def test_unsupported_backbones_are_named():
         official_architecture(state, {**args, "dilation": True})
     with pytest.raises(OfficialCheckpointError, match="'swin-b' is not supported"):
         official_architecture(state, {**args, "backbone": "swin-b"})
+    with pytest.raises(OfficialCheckpointError, match="refines decoder boxes iff two_stage"):
+        official_architecture(state, {**args, "with_box_refine": False})
 
 
 def test_config_overrides_are_typed_for_yacs():

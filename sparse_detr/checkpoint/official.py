@@ -174,6 +174,12 @@ def official_architecture(state_dict: Dict[str, torch.Tensor], args: Dict[str, A
     backbone = arch.backbone
     if backbone not in _RESNET_DEPTHS and backbone != "swin-t":
         raise OfficialCheckpointError(f"backbone {backbone!r} is not supported (resnet50, resnet101, swin-t)")
+    if arch.with_box_refine != arch.two_stage:
+        raise OfficialCheckpointError(
+            f"with_box_refine={arch.with_box_refine} with two_stage={arch.two_stage} is not supported: the official "
+            f"code refines decoder boxes iff two_stage (deformable_detr.py:128-133), this model iff "
+            f"WITH_BOX_REFINE (upstream Deformable DETR), so the converted model would predict other boxes; "
+            f"the official configs set both flags or neither")
     if arch.dilation:
         raise OfficialCheckpointError(
             "--dilation (DC5) checkpoints are not supported: torchvision's dilated layer4 keeps dilation 1 in its "
