@@ -2,6 +2,9 @@
 // Kernels live in csrc/<op>/; this file only defines schemas and build information.
 #include <torch/extension.h>
 #include <torch/library.h>
+#ifdef WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
 
 namespace sparse_detr {
 
