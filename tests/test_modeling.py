@@ -10,8 +10,13 @@ from detectron2.utils.events import EventStorage, get_event_storage
 
 from sparse_detr.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
 from sparse_detr.modeling.dam import dam_coverage, decoder_attention_map, topk_token_target
+from sparse_detr.modeling import SparseDETR
+from sparse_detr.modeling.criterion import SetCriterion, build_weight_dict
+from sparse_detr.modeling.decoder import Decoder, DecoderLayer
 from sparse_detr.modeling.encoder import SparseEncoder, SparseEncoderLayer
-from sparse_detr.modeling.transformer import select_tokens
+from sparse_detr.modeling.matcher import HungarianMatcher
+from sparse_detr.modeling.token_scoring import DAMTokenScorer
+from sparse_detr.modeling.transformer import SparseDeformableTransformer, select_tokens
 from sparse_detr.modeling.utils import encoder_anchors, encoder_reference_points, level_masks, valid_ratio
 from utils import make_inputs, tiny_cfg
 
@@ -429,3 +434,21 @@ def test_swin_backbone_builds_and_runs():
     model.eval()
     with torch.no_grad():
         assert len(model(make_inputs([(64, 96)]))[0]["instances"]) > 0
+
+
+def test_build_from_python_arguments():
+    """Every module is @configurable: the model can be assembled without a config (LazyConfig style)."""
+    backbone = _build().backbone
+    kw = dict(d_model=32, d_ffn=64, dropout=0.0, n_levels=4, n_heads=2, n_points=2)
+    transformer = SparseDeformableTransformer(
+        encoder=SparseEncoder(SparseEncoderLayer(**kw), 2), decoder=Decoder(DecoderLayer(**kw), 2),
+        scorer=DAMTokenScorer(d_model=32, hidden_dim=32), d_model=32, num_feature_levels=4, two_stage=True,
+        eff_query_init=True, eff_specific_head=True, num_queries=10)
+    model = SparseDETR(
+        backbone=backbone, in_features=["res3", "res4", "res5"], transformer=transformer,
+        criterion=SetCriterion(5, HungarianMatcher()), weight_dict=build_weight_dict(2, 5, 2, 1, 2, True, 1),
+        num_classes=5, num_queries=10, num_feature_levels=4, rho=0.3, test_rho=0.3, aux_loss=True,
+        with_box_refine=True, use_enc_aux_loss=True, enc_aux_heads_at_inference=False,
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    losses = _train_losses(model, make_inputs([(64, 96)]))
+    assert set(losses) == _expected_loss_keys()
