@@ -90,18 +90,22 @@ LAYOUTS = {  # the official configs/*.sh flag sets
     "efficient_detr": dict(with_box_refine=True, two_stage=True, eff_query_init=True, eff_specific_head=True),
     "deformable_detr": dict(),
     "two_stage_binary_head": dict(with_box_refine=True, two_stage=True),
+    "sparse_swin_t": dict(backbone="swin-t", with_box_refine=True, two_stage=True, eff_query_init=True,
+                          eff_specific_head=True, use_enc_aux_loss=True, rho=0.1),
 }
 _TV_NAMES = {torchvision_to_detectron2_resnet_name(k): k for k in torchvision.models.resnet50().state_dict()
              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
 
 
 def _official_state_dict(ours, arch):
-    """Our state dict written the way the official model stores it: torchvision backbone names, every
-    head under all its official names, a shared head repeated at every index."""
+    """Our state dict written the way the official model stores it: torchvision backbone names (Swin
+    names are the same in both), every head under all its official names, a shared head repeated at
+    every index."""
     official = {}
     for name, tensor in ours.items():
         if name.startswith("backbone."):
-            official["backbone.0.body." + _TV_NAMES[name[len("backbone."):]]] = tensor
+            local = name[len("backbone."):]
+            official["backbone.0.body." + (local if arch.backbone == "swin-t" else _TV_NAMES[local])] = tensor
         else:
             official[name] = tensor
     for kind in ("class_embed", "bbox_embed"):
