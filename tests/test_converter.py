@@ -81,7 +81,7 @@ def test_torchvision_resnet_loads_strictly_into_detectron2_resnet_and_computes_t
         assert torch.allclose(d2(x)["res5"], trunk(x), atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------- synthetic official checkpoints
+# ------------------------------------------------------------------------------- synthetic official checkpoints
 SMALL = dict(enc_layers=2, dec_layers=3, hidden_dim=64, nheads=2, dim_feedforward=96, num_queries=20,
              enc_n_points=2, dec_n_points=2, dropout=0.0)
 LAYOUTS = {  # the official configs/*.sh flag sets
@@ -171,7 +171,8 @@ def test_cli_output_loads_with_detection_checkpointer(layout, tmp_path, capsys, 
     out = str(tmp_path / "cli.pth")
     assert cli.main(["--source", path, "--output", out]) == 0
     printed = capsys.readouterr().out
-    assert "no missing, unexpected or mis-shaped key" in printed and f"MODEL.SPARSE_DETR.RHO {float(args['rho'])}" in printed
+    assert "no missing, unexpected or mis-shaped key" in printed
+    assert f"MODEL.SPARSE_DETR.RHO {float(args['rho'])}" in printed
     # The printed overrides rebuild the same config.
     cfg = add_sparse_detr_config(get_cfg())
     cfg.merge_from_list(shlex.split(printed.split("--eval-only ", 1)[1]) + ["MODEL.DEVICE", "cpu"])
