@@ -175,3 +175,38 @@ def test_every_config_builds(path):
     assert type(model).__name__ == "SparseDETR"
     assert model.transformer.two_stage == cfg.MODEL.SPARSE_DETR.TWO_STAGE
     assert (model.transformer.enc_mask_predictor is not None) == (cfg.MODEL.SPARSE_DETR.RHO > 0)
+
+
+FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "official_sparse_detr_small.pt.xz")
+
+
+@pytest.mark.skipif(not os.path.exists(FIXTURE), reason="official parity fixture not available")
+def test_default_predictor_on_a_converted_official_checkpoint(tmp_path):
+    """The official small fixture's weights, converted, through DefaultPredictor: its detections on
+    the fixture's unpadded first image are the official post-processed ones (boxes clipped)."""
+    import io
+    import lzma
+
+    from sparse_detr.checkpoint import convert_official_checkpoint
+
+    fx = torch.load(io.BytesIO(lzma.open(FIXTURE).read()), weights_only=True)
+    source, converted = str(tmp_path / "official.pth"), str(tmp_path / "converted.pth")
+    torch.save({"model": fx["model"], "args": fx["args"]}, source)
+    summary = convert_official_checkpoint(source, converted, keep_official_classes=True)
+    cfg = add_sparse_detr_config(get_cfg())
+    cfg.merge_from_file(BASE)
+    cfg.merge_from_list(list(summary.overrides) + [
+        "MODEL.WEIGHTS", converted, "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "320", "INPUT.MAX_SIZE_TEST", "1000"])
+    image = fx["inputs"]["images_uint8_rgb"][0].numpy()  # 320x480: no resize, no padding
+    inst = DefaultPredictor(cfg)(np.ascontiguousarray(image[:, :, ::-1]))["instances"]  # BGR in
+    expected = fx["eval"]["postprocess"][0]
+    expected_boxes = expected["boxes"].float().clone()  # Detectron2's detector_postprocess clips to the image
+    expected_boxes[:, 0::2] = expected_boxes[:, 0::2].clamp(0, 480)
+    expected_boxes[:, 1::2] = expected_boxes[:, 1::2].clamp(0, 320)
+    torch.testing.assert_close(inst.scores, expected["scores"].float(), atol=1e-4, rtol=0)
+    assert torch.equal(inst.pred_classes, expected["labels"])
+    # Equal scores may come in either order: every official detection has a twin (label, score, box).
+    twin = ((inst.pred_classes[:, None] == expected["labels"][None])
+            & ((inst.scores[:, None] - expected["scores"][None].float()).abs() < 1e-4)
+            & ((inst.pred_boxes.tensor[:, None] - expected_boxes[None]).abs().amax(-1) < 1e-2))
+    assert twin.any(0).all() and twin.any(1).all()
