@@ -79,6 +79,20 @@ def test_matches_reference_float32_many_queries(device):
 
 
 @needs_ext
+@pytest.mark.parametrize("threads,heads", [(2, 1), (4, 3), (3, 8)])
+def test_cpu_work_split(threads, heads):
+    """Backward work split over head groups and query blocks, with per-worker grad_value copies when there are
+    more threads than head groups (2 threads x 1 head, 4 threads x 3 heads)."""
+    inputs = make_inputs(N=2, M=heads, D=8, Lq=100)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(inputs, atol=1e-10)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 def test_samples_exactly_on_borders_and_outside(device):
     """Pixel coordinates -1, -0.5, 0, W-1, W-0.5, W and beyond (exact in binary, as in grid_sample)."""

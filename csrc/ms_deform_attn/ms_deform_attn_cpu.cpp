@@ -1,10 +1,13 @@
 // CPU kernels of multi-scale deformable attention (float32, float64; float16/bfloat16 computed in float32).
 //
 // The op is bound by scattered reads: with value laid out (N, S, M, D), one bilinear corner is D contiguous
-// values, and the loops over D are vectorised. Forward and backward are both parallel over queries, handed out
-// in blocks to one worker per thread. In the backward, grad_value is the only output that two queries can share:
-// worker 0 accumulates into grad_value itself, every other worker into a private copy, and the copies are summed
-// at the end (at most kReplicaBudgetBytes of copies; beyond that fewer workers run).
+// values, and the loops over D are vectorised. Work is handed out dynamically in blocks of queries.
+// Forward: parallel over queries (each block does all heads). Backward: parallel over queries and over groups
+// of heads. grad_value is the only output that two queries can share: workers of different head groups write
+// disjoint heads of it; workers of the same group split the queries and each accumulates into its own copy
+// ("replica": replica 0 is grad_value itself, the others are summed into it at the end). With 2 threads and
+// 8 heads that is two groups of 4 heads and no copy; with more threads than heads, copies appear (at most
+// kReplicaBudgetBytes of them).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -66,13 +69,20 @@ struct ForwardArgs {
   T* out;
 };
 
+// Backward work split: worker w does heads [g * heads_per_group, (g + 1) * heads_per_group) with g = w % groups,
+// and accumulates grad_value into replica w / groups.
+struct BackwardSplit {
+  int64_t groups, heads_per_group, replicas;
+  int64_t workers() const { return groups * replicas; }
+};
+
 template <typename T>
 struct BackwardArgs {
   Dims dims;
   Levels lv;
+  BackwardSplit split;
   const T *grad_out, *value, *loc, *attn;
-  T* const* grad_values;  // one (N, S, M, D) accumulator per worker; [0] is the output
-  char* used;             // per worker: its accumulator has been zero-filled
+  T* const* grad_values;  // one zero-initialised (N, S, M, D) accumulator per replica; [0] is the output
   T *grad_loc, *grad_attn;
 };
 
@@ -118,8 +128,8 @@ struct ForwardBlock {
   }
 };
 
-// Backward over the (n, q) pairs [begin, end). grad_loc and grad_attn are per sample (race-free); grad_value
-// goes to this worker's accumulator.
+// Backward over the (n, q) pairs [begin, end) and this worker's heads. grad_loc and grad_attn are per sample
+// (race-free); grad_value goes to this worker's replica.
 template <typename T, int kD>
 struct BackwardBlock {
   using Args = BackwardArgs<T>;
@@ -127,15 +137,14 @@ struct BackwardBlock {
     const int64_t D = kD > 0 ? kD : a.dims.D;
     const int64_t M = a.dims.M, L = a.dims.L, P = a.dims.P, Lq = a.dims.Lq;
     const int64_t row = M * D;
-    if (!a.used[worker]) {
-      if (worker > 0) std::memset(a.grad_values[worker], 0, a.dims.N * a.dims.S * row * sizeof(T));
-      a.used[worker] = 1;
-    }
+    const int64_t group = worker % a.split.groups, replica = worker / a.split.groups;
+    const int64_t m_begin = group * a.split.heads_per_group;
+    const int64_t m_end = std::min(M, m_begin + a.split.heads_per_group);
     for (int64_t nq = begin; nq < end; ++nq) {
       const int64_t n_offset = (nq / Lq) * a.dims.S * row;
       const T* value_n = a.value + n_offset;
-      T* grad_value_n = a.grad_values[worker] + n_offset;
-      for (int64_t m = 0; m < M; ++m) {
+      T* grad_value_n = a.grad_values[replica] + n_offset;
+      for (int64_t m = m_begin; m < m_end; ++m) {
         const int64_t qm = nq * M + m;
         const T* g = a.grad_out + qm * D;
         const T* loc_qm = a.loc + qm * L * P * 2;
@@ -201,23 +210,36 @@ BlockFn<Block> select_variant() {
   return &run_baseline<Block>;
 }
 
-// Runs `Block` over the (n, q) pairs [0, total) in blocks of kQueryBlock handed out dynamically to `workers`
-// workers (at most one per thread; a worker id is never used by two threads at once).
+// Runs `Block` over the (n, q) pairs [0, total) with `workers` workers (at most one per thread; a worker id is
+// never used by two threads at once). Worker w takes blocks of kQueryBlock pairs from counter w % groups, so
+// the workers of one group share out all the queries dynamically.
 template <class Block>
-void run_parallel(const typename Block::Args& args, int64_t total, int64_t workers) {
+void run_parallel(const typename Block::Args& args, int64_t total, int64_t workers, int64_t groups) {
   const BlockFn<Block> fn = select_variant<Block>();
-  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> next(groups);
+  for (auto& counter : next) counter = 0;
   at::parallel_for(0, workers, 1, [&](int64_t w_begin, int64_t w_end) {
     for (int64_t w = w_begin; w < w_end; ++w) {
-      for (int64_t b = next.fetch_add(kQueryBlock); b < total; b = next.fetch_add(kQueryBlock)) {
+      std::atomic<int64_t>& counter = next[w % groups];
+      for (int64_t b = counter.fetch_add(kQueryBlock); b < total; b = counter.fetch_add(kQueryBlock)) {
         fn(args, w, b, std::min(b + kQueryBlock, total));
       }
     }
   });
 }
 
-int64_t num_workers(int64_t total) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + kQueryBlock - 1) / kQueryBlock));
+int64_t query_blocks(const Dims& d) { return (d.N * d.Lq + kQueryBlock - 1) / kQueryBlock; }
+
+// Heads are split into at most one group per thread; threads beyond the number of groups add replicas.
+BackwardSplit backward_split(const Dims& d, int64_t value_bytes) {
+  const auto divup = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t heads = std::max<int64_t>(1, d.M);
+  const int64_t heads_per_group = divup(heads, std::min(heads, threads));
+  const int64_t groups = divup(heads, heads_per_group);
+  const int64_t replicas = std::min({threads / groups, std::max<int64_t>(1, query_blocks(d)),
+                                     1 + kReplicaBudgetBytes / std::max<int64_t>(1, value_bytes)});
+  return {groups, heads_per_group, std::max<int64_t>(1, replicas)};
 }
 
 // Calls f(std::integral_constant<int, kD>) with kD = D for the common head widths, else kD = 0 (runtime D).
@@ -260,11 +282,12 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   const auto v = value.contiguous(), loc = sampling_locations.contiguous(), attn = attention_weights.contiguous();
   auto out = at::empty({dims.N, dims.Lq, dims.M * dims.D}, value.options());
   const Levels lv{shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>()};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), query_blocks(dims)));
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     const ForwardArgs<scalar_t> args{dims, lv, v.data_ptr<scalar_t>(), loc.data_ptr<scalar_t>(),
                                      attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()};
     dispatch_channels(dims.D, [&](auto kD) {
-      run_parallel<ForwardBlock<scalar_t, decltype(kD)::value>>(args, dims.N * dims.Lq, num_workers(dims.N * dims.Lq));
+      run_parallel<ForwardBlock<scalar_t, decltype(kD)::value>>(args, dims.N * dims.Lq, workers, 1);
     });
   });
   return out;
@@ -292,33 +315,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
   const Levels lv{shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>()};
-  const int64_t value_bytes = std::max<int64_t>(1, v.numel() * v.element_size());
-  const int64_t workers = std::min(num_workers(dims.N * dims.Lq), 1 + kReplicaBudgetBytes / value_bytes);
-  auto replicas = at::empty({workers - 1, v.numel()}, v.options());
+  const BackwardSplit split = backward_split(dims, std::max<int64_t>(1, v.numel() * v.element_size()));
+  auto replicas = at::zeros({split.replicas - 1, v.numel()}, v.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     std::vector<scalar_t*> grad_values{grad_value.data_ptr<scalar_t>()};
-    for (int64_t w = 1; w < workers; ++w) grad_values.push_back(replicas[w - 1].data_ptr<scalar_t>());
-    std::vector<char> used(workers, 0);
+    for (int64_t r = 1; r < split.replicas; ++r) grad_values.push_back(replicas[r - 1].data_ptr<scalar_t>());
     const BackwardArgs<scalar_t> args{dims,
                                       lv,
+                                      split,
                                       g.data_ptr<scalar_t>(),
                                       v.data_ptr<scalar_t>(),
                                       loc.data_ptr<scalar_t>(),
                                       attn.data_ptr<scalar_t>(),
                                       grad_values.data(),
-                                      used.data(),
                                       grad_loc.data_ptr<scalar_t>(),
                                       grad_attn.data_ptr<scalar_t>()};
     dispatch_channels(dims.D, [&](auto kD) {
-      run_parallel<BackwardBlock<scalar_t, decltype(kD)::value>>(args, dims.N * dims.Lq, workers);
-    });
-    // Sum the private copies into grad_value, in parallel over its elements.
-    at::parallel_for(0, v.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t w = 1; w < workers; ++w) {
-        if (used[w]) axpy<0>(end - begin, scalar_t(1), grad_values[w] + begin, grad_values[0] + begin);
-      }
+      run_parallel<BackwardBlock<scalar_t, decltype(kD)::value>>(args, dims.N * dims.Lq, split.workers(),
+                                                                 split.groups);
     });
   });
+  if (split.replicas > 1) grad_value.add_(replicas.sum(0).view_as(grad_value));
   return {grad_value, grad_loc, grad_attn};
 }
 
