@@ -72,7 +72,7 @@ def test_latency_profile_table_plot(bm, results, tmp_path):
     for r in rows:
         for b in (1, 2):
             lat = r["latency"][b]
-            assert len(lat["times_s"]) == 5 and lat["latency_s"] > 0 and lat["peak_mem_mib"] >= 0
+            assert len(lat["times_s"]) == 5 and lat["latency_s"] > 0 and lat["cpu_s"] > 0 and lat["peak_mem_mib"] >= 0
             assert lat["fps"] == pytest.approx(b / lat["latency_s"])
         assert (out / f"profile_rho{r['rho']}.txt").exists()
         assert any(p["kind"] == "stage" and p["name"] == "backbone" for p in r["profile"])

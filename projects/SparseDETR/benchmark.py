@@ -51,7 +51,7 @@ import sparse_detr
 from sparse_detr import add_sparse_detr_config
 
 __all__ = ["config_for_rho", "paper_row", "count_parameters", "count_flops", "random_batch", "measure_latency",
-           "profile_forward", "run_benchmark", "markdown_table", "plot_results", "main"]
+           "cache_freed_memory", "profile_forward", "run_benchmark", "markdown_table", "plot_results", "main"]
 
 FLOPS_IMAGE = (850, 1040)  # the official benchmark image ("found heuristically" to approximate COCO val)
 STAGES = ("backbone", "input_proj", "scoring", "encoder", "decoder", "heads")
@@ -266,24 +266,40 @@ def _peak(device: torch.device) -> int:
 def measure_latency(model: nn.Module, inputs: List[Dict], warmup: int = 1, iters: int = 5) -> Dict[str, float]:
     """Median wall time of `iters` inference forwards of `inputs` after `warmup` ones.
 
-    Returns "latency_s" (median), "times_s" (all), "fps" (images per second at the median) and
-    "peak_mem_mib": peak memory during the forwards (warm-up included) above the usage before them.
+    Returns "latency_s" (median), "times_s" (all), "fps" (images per second at the median),
+    "cpu_s" (median CPU time of the process per forward, all threads, kernel time included: on a shared
+    machine the wall time also counts waiting for a core, CPU time does not) and "peak_mem_mib": peak
+    memory during the forwards (warm-up included) above the usage before them.
     """
     device = model.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     base = _reset_peak(device)
-    times = []
+    times, cpu_times = [], []
     with torch.inference_mode():
         for i in range(warmup + iters):
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             model(inputs)
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
     latency = statistics.median(times)
     return {"latency_s": latency, "times_s": times, "fps": len(inputs) / latency,
-            "peak_mem_mib": (_peak(device) - base) / 2 ** 20}
+            "cpu_s": statistics.median(cpu_times), "peak_mem_mib": (_peak(device) - base) / 2 ** 20}
+
+
+def cache_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming), so that
+    a forward reuses the pages of the previous one instead of faulting tens of MB of fresh, zeroed
+    pages back in (same effect as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<big>).
+    Returns False where glibc's mallopt is unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 # ---------------------------------------------------------------------------------------------- profiling
@@ -409,15 +425,16 @@ def _fmt(x, digits=1, scale=1.0):
     return "—" if x is None else f"{x / scale:.{digits}f}"
 
 
-def markdown_table(rows: List[Dict]) -> str:
-    """The results as a markdown table (GFLOPs per stage, latency/FPS/memory per batch size, paper row)."""
+def markdown_table(rows: List[Dict], cpu: bool = True) -> str:
+    """The results as a markdown table (GFLOPs per stage, latency/FPS/[CPU time]/memory per batch size,
+    paper row); `cpu` adds the CPU-time columns."""
     batch_sizes = sorted({b for r in rows for b in r.get("latency", {})})
     has_flops = any("flops" in r for r in rows)
     head = ["rho", "params (M)", "params, paper count (M)"]
     if has_flops:
         head += ["GFLOPs"] + [f"{s}" for s in STAGES]
     for b in batch_sizes:
-        head += [f"latency b{b} (ms)", f"FPS b{b}", f"peak mem b{b} (MiB)"]
+        head += [f"latency b{b} (ms)", f"FPS b{b}"] + ([f"CPU time b{b} (s)"] if cpu else []) + [f"peak mem b{b} (MiB)"]
     head += ["paper GFLOPs", "paper params (M)", "paper AP", "paper B4FPS (V100)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -428,8 +445,9 @@ def markdown_table(rows: List[Dict]) -> str:
             cells += [_fmt(r.get("flops"), 2, 1e9)] + [_fmt(r.get(f"flops_{s}"), 2, 1e9) for s in STAGES]
         for b in batch_sizes:
             lat = r.get("latency", {}).get(b)
-            cells += [_fmt(lat and lat["latency_s"], 0, 1e-3), _fmt(lat and lat["fps"], 2),
-                      _fmt(lat and lat["peak_mem_mib"], 0)]
+            cells += [_fmt(lat and lat["latency_s"], 0, 1e-3), _fmt(lat and lat["fps"], 2)]
+            cells += [_fmt(lat and lat["cpu_s"], 2)] if cpu else []
+            cells += [_fmt(lat and lat["peak_mem_mib"], 0)]
         cells += [_fmt(paper.get("gflops")), _fmt(paper.get("params")), _fmt(paper.get("ap")),
                   _fmt(paper.get("b4fps"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -511,6 +529,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=5, help="timed forwards (median reported; at least 5)")
     p.add_argument("--channels-last", action="store_true", help="convert the model to channels_last")
+    p.add_argument("--cache-freed-memory", action="store_true",
+                   help="keep freed memory in the process (glibc mallopt) instead of faulting it back in")
     p.add_argument("--as-official", action="store_true",
                    help="the model the official code runs: 91 classes, encoder aux heads at inference")
     p.add_argument("--skip-flops", action="store_true")
@@ -529,6 +549,8 @@ def parse_args(argv=None):
 def main(argv=None) -> List[Dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cache_freed_memory and not cache_freed_memory():
+        raise SystemExit("--cache-freed-memory needs glibc")
     cfg = add_sparse_detr_config(get_cfg())
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
@@ -541,12 +563,14 @@ def main(argv=None) -> List[Dict]:
                          flops=not args.skip_flops, latency=not args.skip_latency, as_official=args.as_official,
                          channels_last=args.channels_last, profile_dir=args.output_dir if args.profile else None,
                          log=lambda s: print(s, flush=True))
-    table = markdown_table(rows)
+    table = markdown_table(rows, cpu=args.device == "cpu")
     notes = [f"`{command}`", "",
              f"{os.path.basename(args.config_file)}{' (as the official code runs it)' if args.as_official else ''}"
              f"; GFLOPs: fvcore, one {args.flops_image[0]}x{args.flops_image[1]} image; latency: median of "
              f"{args.iters} after {args.warmup} warm-up, {args.image[0]}x{args.image[1]} images, "
-             f"{'channels_last, ' if args.channels_last else ''}{args.device}; peak memory above the loaded model.",
+             f"{'channels_last, ' if args.channels_last else ''}"
+             f"{'freed memory cached (mallopt), ' if args.cache_freed_memory else ''}{args.device}; "
+             "CPU time: process CPU time per forward (all threads); peak memory above the loaded model.",
              f"Before: {env_before}", f"After: {_environment(args.device)}"]
     report = "\n".join(notes) + "\n\n" + table + "\n"
     with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
