@@ -30,8 +30,10 @@ constexpr int64_t kReplicaBudgetBytes = int64_t(1) << 30;  // private grad_value
 
 #if defined(__GNUC__) || defined(__clang__)
 #define SD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define SD_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
 #else
 #define SD_ALWAYS_INLINE inline
+#define SD_PREFETCH(address, for_write)
 #endif
 
 // y += s * x over D channels.
@@ -86,6 +88,32 @@ struct BackwardArgs {
   T *grad_loc, *grad_attn;
 };
 
+// Prefetches the value rows (and, in the backward, the grad_value rows) that one (query, head) will read, so that
+// those reads overlap the arithmetic of the (query, head) before it. value_nm / grad_value_nm point at image n,
+// head m; loc_qm at the (query, head)'s (L, P, 2) locations.
+template <typename T>
+SD_ALWAYS_INLINE void prefetch_corners(const Dims& dims, Levels lv, int64_t D, const T* loc_qm, const T* value_nm,
+                                       const T* grad_value_nm) {
+  const int64_t row = dims.M * D;
+  for (int64_t l = 0; l < dims.L; ++l) {
+    const int64_t H = lv.shapes[2 * l], W = lv.shapes[2 * l + 1];
+    for (int64_t p = 0; p < dims.P; ++p) {
+      const int64_t i = l * dims.P + p;
+      Bilinear<T> b;
+      if (!bilinear_setup(loc_qm[2 * i], loc_qm[2 * i + 1], H, W, b)) continue;
+      const int64_t x0 = std::max<int64_t>(b.x0, 0), x1 = std::min<int64_t>(b.x0 + 1, W - 1);
+      const int64_t y0 = std::max<int64_t>(b.y0, 0), y1 = std::min<int64_t>(b.y0 + 1, H - 1);
+      for (const int64_t pixel : {y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1}) {
+        const int64_t offset = (lv.starts[l] + pixel) * row;
+        for (int64_t byte = 0; byte < D * int64_t(sizeof(T)); byte += 64) {
+          SD_PREFETCH(reinterpret_cast<const char*>(value_nm + offset) + byte, 0);
+          if (grad_value_nm) SD_PREFETCH(reinterpret_cast<const char*>(grad_value_nm + offset) + byte, 1);
+        }
+      }
+    }
+  }
+}
+
 // Forward over the (n, q) pairs [begin, end):
 // out[n, q, m, :] = sum over (l, p) of attention * bilinear(value[n, level l, m, :], location).
 template <typename T, int kD>
@@ -99,6 +127,11 @@ struct ForwardBlock {
       const T* value_n = a.value + (nq / Lq) * a.dims.S * row;
       for (int64_t m = 0; m < M; ++m) {
         const int64_t qm = nq * M + m;
+        if (qm + 1 < end * M) {  // the next (query, head) of this block
+          const int64_t n_next = (qm + 1) / M / Lq, m_next = (qm + 1) % M;
+          prefetch_corners<T>(a.dims, a.lv, D, a.loc + (qm + 1) * L * P * 2,
+                              a.value + n_next * a.dims.S * row + m_next * D, nullptr);
+        }
         const T* loc_qm = a.loc + qm * L * P * 2;
         const T* attn_qm = a.attn + qm * L * P;
         T local[kD > 0 ? kD : 1];
@@ -146,6 +179,12 @@ struct BackwardBlock {
       T* grad_value_n = a.grad_values[replica] + n_offset;
       for (int64_t m = m_begin; m < m_end; ++m) {
         const int64_t qm = nq * M + m;
+        const int64_t nq_next = m + 1 < m_end ? nq : nq + 1, m_next = m + 1 < m_end ? m + 1 : m_begin;
+        if (nq_next < end) {  // the next (query, head) of this block and worker
+          const int64_t n_next_offset = (nq_next / Lq) * a.dims.S * row + m_next * D;
+          prefetch_corners<T>(a.dims, a.lv, D, a.loc + (nq_next * M + m_next) * L * P * 2, a.value + n_next_offset,
+                              a.grad_values[replica] + n_next_offset);
+        }
         const T* g = a.grad_out + qm * D;
         const T* loc_qm = a.loc + qm * L * P * 2;
         const T* attn_qm = a.attn + qm * L * P;
