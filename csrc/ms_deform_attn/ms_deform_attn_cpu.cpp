@@ -26,6 +26,7 @@ namespace sparse_detr::msda {
 namespace {
 
 constexpr int64_t kQueryBlock = 16;                         // (n, q) pairs per work item
+constexpr int64_t kPrefetchAhead = 1;                       // (query, head) pairs between prefetch and use (2: slower)
 constexpr int64_t kReplicaBudgetBytes = int64_t(1) << 30;  // private grad_value copies in the backward
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -127,10 +128,9 @@ struct ForwardBlock {
       const T* value_n = a.value + (nq / Lq) * a.dims.S * row;
       for (int64_t m = 0; m < M; ++m) {
         const int64_t qm = nq * M + m;
-        if (qm + 1 < end * M) {  // the next (query, head) of this block
-          const int64_t n_next = (qm + 1) / M / Lq, m_next = (qm + 1) % M;
-          prefetch_corners<T>(a.dims, a.lv, D, a.loc + (qm + 1) * L * P * 2,
-                              a.value + n_next * a.dims.S * row + m_next * D, nullptr);
+        if (const int64_t next = qm + kPrefetchAhead; next < end * M) {  // a later (query, head) of this block
+          prefetch_corners<T>(a.dims, a.lv, D, a.loc + next * L * P * 2,
+                              a.value + (next / M / Lq) * a.dims.S * row + (next % M) * D, nullptr);
         }
         const T* loc_qm = a.loc + qm * L * P * 2;
         const T* attn_qm = a.attn + qm * L * P;
@@ -179,8 +179,9 @@ struct BackwardBlock {
       T* grad_value_n = a.grad_values[replica] + n_offset;
       for (int64_t m = m_begin; m < m_end; ++m) {
         const int64_t qm = nq * M + m;
-        const int64_t nq_next = m + 1 < m_end ? nq : nq + 1, m_next = m + 1 < m_end ? m + 1 : m_begin;
-        if (nq_next < end) {  // the next (query, head) of this block and worker
+        const int64_t next = (nq - begin) * (m_end - m_begin) + (m - m_begin) + kPrefetchAhead;
+        const int64_t nq_next = begin + next / (m_end - m_begin), m_next = m_begin + next % (m_end - m_begin);
+        if (nq_next < end) {  // a later (query, head) of this block and worker
           const int64_t n_next_offset = (nq_next / Lq) * a.dims.S * row + m_next * D;
           prefetch_corners<T>(a.dims, a.lv, D, a.loc + (nq_next * M + m_next) * L * P * 2, a.value + n_next_offset,
                               a.grad_values[replica] + n_next_offset);
