@@ -25,6 +25,10 @@ def add_sparse_detr_config(cfg):
     # Token selection criterion: "dam" (scoring network trained on the decoder cross-attention
     # map) or "objectness" (auxiliary objectness head trained with the detection targets).
     sd.SELECTION = "dam"
+    # At inference, also add each image's DAM correlation (share of the decoder cross-attention mass on
+    # the selected tokens, overall and per level) to its output dict, for
+    # sparse_detr.evaluation.DAMCorrelationEvaluator. Costs one DAM splat per batch.
+    sd.TEST_DAM_CORRELATION = False
     # DAM splatting convention: "official" (location*size, the official half-pixel shift) or
     # "exact" (location*size - 0.5, where the attention op really samples).
     sd.DAM_CONVENTION = "official"

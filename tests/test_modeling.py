@@ -392,7 +392,6 @@ def test_exact_dam_convention_trains():
     ({"RHO": -0.1}, "RHO=-0.1"),
     ({"TEST_RHO": 2.0}, "TEST_RHO=2.0"),
     ({"RHO": 0.0, "TEST_RHO": 0.2}, "TEST_RHO=0.2"),
-    ({"SELECTION": "objectness"}, "SELECTION='objectness'"),
     ({"SELECTION": "random"}, "SELECTION='random'"),
     ({"DAM_CONVENTION": "shifted"}, "DAM_CONVENTION='shifted'"),
     ({"NHEADS": 3}, "NHEADS=3"),

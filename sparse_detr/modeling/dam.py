@@ -1,5 +1,5 @@
 """Decoder cross-attention map (DAM): where the decoder looks, splatted on the flattened token grid."""
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,21 +61,29 @@ def topk_token_target(scores: torch.Tensor, mask_flatten: torch.Tensor, counts: 
 
 
 @torch.no_grad()
-def dam_coverage(dam: torch.Tensor, topk_inds: torch.Tensor, level_start_index: torch.Tensor
-                 ) -> Dict[str, torch.Tensor]:
-    """Share of the DAM mass on the selected tokens (the official `corr` diagnostics).
+def dam_coverage(dam: torch.Tensor, topk_inds: torch.Tensor, level_start_index: torch.Tensor,
+                 counts: Optional[torch.Tensor] = None, reduce: bool = True) -> Dict[str, torch.Tensor]:
+    """Share of the DAM mass on the selected tokens: the paper's DAM correlation (official `corr`).
 
     Args:
-        dam: (B, N). topk_inds: (B, K) all K selected tokens of every image (official: surplus included).
+        dam: (B, N). topk_inds: (B, K) selected tokens of every image, sorted by score.
         level_start_index: (L,).
+        counts: (B,) tokens selected by image i (its first counts[i] indices); None: all K (official
+            training diagnostics: the surplus of the smaller images of a batch included).
+        reduce: average over the batch (official); False keeps one value per image.
     Returns:
         "corr_mask_attn_map_dec_all" and "corr_mask_attn_map_dec_{l}" per level: per image, the selected
-        tokens' share of the DAM mass (of the level), averaged over the batch.
+        tokens' share of the DAM mass (of the level; 0 where it has none), averaged over the batch (0-d)
+        or per image (B,).
     """
-    selected = torch.zeros_like(dam).scatter_(1, topk_inds, 1.0)
+    keep = torch.ones_like(topk_inds, dtype=dam.dtype)
+    if counts is not None:
+        keep = (torch.arange(topk_inds.shape[1], device=dam.device)[None] < counts[:, None]).to(dam.dtype)
+    selected = torch.zeros_like(dam).scatter_(1, topk_inds, keep)
     bounds = level_start_index.tolist() + [dam.shape[1]]
     spans = {"all": (0, dam.shape[1])}
     spans.update({str(lvl): (bounds[lvl], bounds[lvl + 1]) for lvl in range(len(bounds) - 1)})
-    return {f"corr_mask_attn_map_dec_{name}":
-            ((dam[:, a:b] * selected[:, a:b]).sum(1) / dam[:, a:b].sum(1).clamp(min=1e-12)).mean()
+    corr = {f"corr_mask_attn_map_dec_{name}":
+            (dam[:, a:b] * selected[:, a:b]).sum(1) / dam[:, a:b].sum(1).clamp(min=1e-12)
             for name, (a, b) in spans.items()}
+    return {k: v.mean() for k, v in corr.items()} if reduce else corr

@@ -75,7 +75,7 @@ class SparseDETR(nn.Module):
                  criterion: SetCriterion, weight_dict: Dict[str, float], num_classes: int, num_queries: int,
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
-                 pixel_std: Sequence[float], detections_per_image: int = 100):
+                 pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False):
         """
         Args:
             backbone: gives `in_features` (strides increasing). transformer: see SparseDeformableTransformer.
@@ -85,6 +85,8 @@ class SparseDETR(nn.Module):
                 (and one head per prediction). use_enc_aux_loss: encoder auxiliary heads after every
                 encoder layer but the last. enc_aux_heads_at_inference: run them in inference too.
             pixel_mean, pixel_std: of the input images, in their units (cfg.MODEL.PIXEL_MEAN/STD).
+            test_dam_correlation: in inference with rho > 0, add "dam_correlation" (name -> float, see
+                `TokenScorer.dam_correlation`) to every image's output dict.
         """
         super().__init__()
         self.backbone = backbone
@@ -101,6 +103,7 @@ class SparseDETR(nn.Module):
         self.use_enc_aux_loss = use_enc_aux_loss
         self.enc_aux_heads_at_inference = enc_aux_heads_at_inference
         self.detections_per_image = detections_per_image
+        self.test_dam_correlation = test_dam_correlation
         # Stored for images scaled by 1/255 (divided in float64: exactly torchvision's Normalize constants).
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
@@ -162,7 +165,7 @@ class SparseDETR(nn.Module):
             "with_box_refine": sd.WITH_BOX_REFINE, "use_enc_aux_loss": sd.USE_ENC_AUX_LOSS,
             "enc_aux_heads_at_inference": sd.ENC_AUX_HEADS_AT_INFERENCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE, "test_dam_correlation": sd.TEST_DAM_CORRELATION,
         }
 
     @property
@@ -285,8 +288,9 @@ class SparseDETR(nn.Module):
         (B, N); "backbone_topk_proposals" (B, K); "sparse_token_nums" (B,); "sampling_locations_dec"
         (B, Ld, Q, M, L, P, 2); "attn_weights_dec"; "spatial_shapes"; "level_start_index"; "mask_flatten";
         extras: "spatial_shapes_list", "valid_ratios", "memory" (B, N, C), "sampling_locations_enc",
-        "attn_weights_enc" (B, Le, K or N, ...), and with rho > 0 the scorer's targets ("dam" (B, N) and
-        "scoring_target" (B, N) for SELECTION "dam"). Keys that need inputs' "instances" are absent.
+        "attn_weights_enc" (B, Le, K or N, ...), and with rho > 0 the scorer's "dam" (B, N), "metrics"
+        (official `corr_*`) and "scoring_target" (B, N) (for SELECTION "objectness" only when the inputs
+        have "instances"). Keys that need inputs' "instances" are absent.
         rho defaults to RHO in training mode and TEST_RHO in eval mode.
         """
         rho = self.current_rho() if rho is None else rho
@@ -311,7 +315,12 @@ class SparseDETR(nn.Module):
             losses = self.losses(out, targets)
             return {k: v * self.weight_dict[k] for k, v in losses.items()}
         out = self.run(images, rho, with_enc_aux=self.enc_aux_heads_at_inference)
-        return self.postprocess(out, images, batched_inputs)
+        results = self.postprocess(out, images, batched_inputs)
+        if self.test_dam_correlation and rho > 0:
+            corr = self.transformer.enc_mask_predictor.dam_correlation(out)
+            for i, result in enumerate(results):
+                result["dam_correlation"] = {name: float(v[i]) for name, v in corr.items()}
+        return results
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
         """Ground truth of each image: "labels" (n,) and "boxes" (n, 4) cxcywh normalised to its size."""
