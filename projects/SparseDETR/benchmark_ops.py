@@ -161,7 +161,9 @@ def environment(args, peer_note):
     if args.device == "cuda":
         where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
-        where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        where = (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+                 f"{torch.get_num_threads()} threads; load average {load} (1/5/15 min) at the end")
     return [
         f"device: {where}; torch {torch.__version__}; CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"this kernel: {backend_for_device(args.device)} (sparse_detr._C, CUDA kernels: {_ext.has_cuda_kernels()}); "
