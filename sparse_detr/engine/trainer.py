@@ -6,11 +6,12 @@ import weakref
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import build_dataset_mapper
+from ..evaluation import DAMCorrelationEvaluator
 from .optimizer import build_sparse_detr_optimizer
 
 __all__ = ["Trainer"]
@@ -21,7 +22,8 @@ class Trainer(DefaultTrainer):
 
     * train/test loaders use the mapper named by INPUT.DATASET_MAPPER ("detr": official augmentation);
     * the optimizer is `build_sparse_detr_optimizer` (AdamW groups, full-model gradient clipping);
-    * the evaluator is chosen by the test dataset's `evaluator_type` ("coco": COCOEvaluator);
+    * the evaluator is chosen by the test dataset's `evaluator_type` ("coco": COCOEvaluator), plus
+      DAMCorrelationEvaluator with MODEL.SPARSE_DETR.TEST_DAM_CORRELATION;
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
       for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it.
     """
@@ -69,4 +71,7 @@ class Trainer(DefaultTrainer):
                 f"no evaluator for dataset {dataset_name!r} of evaluator_type {evaluator_type!r}"
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        evaluator = COCOEvaluator(dataset_name, output_dir=output_folder)
+        if cfg.MODEL.SPARSE_DETR.TEST_DAM_CORRELATION:  # the paper's DAM correlation (docs/analyses.md)
+            return DatasetEvaluators([evaluator, DAMCorrelationEvaluator()])
+        return evaluator

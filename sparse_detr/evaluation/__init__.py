@@ -1,0 +1,4 @@
+"""Evaluators for the paper's analyses (usable with Detectron2's `DatasetEvaluators`)."""
+from .dam_correlation import DAMCorrelationEvaluator
+
+__all__ = ["DAMCorrelationEvaluator"]
