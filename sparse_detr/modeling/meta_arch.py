@@ -18,7 +18,7 @@ from .dam import check_dam_convention
 from .matcher import HungarianMatcher
 from .token_scoring import get_token_scorer_class
 from .transformer import SparseDeformableTransformer
-from .utils import MLP, box_from_delta, level_masks
+from .utils import MLP, GroupNorm, box_from_delta, level_masks
 
 __all__ = ["SparseDETR", "validate_sparse_detr_config"]
 
@@ -120,7 +120,7 @@ class SparseDETR(nn.Module):
                 conv = nn.Conv2d(c_in, d_model, kernel_size=3, stride=2, padding=1)
             nn.init.xavier_uniform_(conv.weight, gain=1)
             nn.init.constant_(conv.bias, 0)
-            self.input_proj.append(nn.Sequential(conv, nn.GroupNorm(32, d_model)))
+            self.input_proj.append(nn.Sequential(conv, GroupNorm(32, d_model)))
         self.position_embedding = PositionEmbeddingSine(num_pos_feats=d_model // 2)
 
         self.num_dec_layers = transformer.decoder.num_layers

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["inverse_sigmoid", "box_from_delta", "MLP", "level_masks", "valid_ratio", "encoder_reference_points",
-           "encoder_anchors"]
+__all__ = ["inverse_sigmoid", "box_from_delta", "MLP", "GroupNorm", "level_masks", "valid_ratio",
+           "encoder_reference_points", "encoder_anchors"]
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -29,6 +29,18 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` (same op, same numbers) that also accepts groups holding a single value.
+
+    `nn.GroupNorm` refuses an input whose groups have one element each (batch 1, one channel per group,
+    a 1 x 1 map: HIDDEN_DIM 32 on the coarsest level of a tiny image); such a group normalises to 0, so
+    the output is the bias.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
 
 
 def level_masks(image_mask: torch.Tensor, sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
