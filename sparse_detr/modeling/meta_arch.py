@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.modeling import (BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, build_backbone,
+                                  detector_postprocess)
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
@@ -20,7 +21,7 @@ from .token_scoring import get_token_scorer_class
 from .transformer import SparseDeformableTransformer
 from .utils import MLP, GroupNorm, box_from_delta, level_masks
 
-__all__ = ["SparseDETR", "validate_sparse_detr_config"]
+__all__ = ["SparseDETR", "validate_sparse_detr_config", "check_ground_truth"]
 
 
 def validate_sparse_detr_config(cfg) -> None:
@@ -35,6 +36,9 @@ def validate_sparse_detr_config(cfg) -> None:
     if sd.TEST_RHO > 0 and sd.RHO == 0:
         raise ValueError(f"{key}TEST_RHO={sd.TEST_RHO} > 0 needs the scoring network, which is built only when "
                          f"{key}RHO > 0 (RHO=0 is the dense encoder)")
+    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
+        raise ValueError(f"MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} is not a registered backbone; registered: "
+                         f"{sorted(name for name, _ in BACKBONE_REGISTRY)} (import the module that registers it)")
     get_token_scorer_class(sd.SELECTION)
     check_dam_convention(sd.DAM_CONVENTION)
     if sd.HIDDEN_DIM % sd.NHEADS != 0:
@@ -52,6 +56,20 @@ def validate_sparse_detr_config(cfg) -> None:
     for name in ("ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES"):
         if getattr(sd, name) < 1:
             raise ValueError(f"{key}{name}={getattr(sd, name)} must be >= 1")
+
+
+def check_ground_truth(instances: Instances, num_classes: int) -> None:
+    """Raise ValueError for ground truth the losses would silently get wrong or fail on cryptically: a class
+    outside [0, num_classes) or a box that is not finite XYXY with x1 <= x2 and y1 <= y2."""
+    classes, boxes = instances.gt_classes, instances.gt_boxes.tensor
+    bad = classes[(classes < 0) | (classes >= num_classes)]
+    if len(bad):
+        raise ValueError(f"ground-truth class {int(bad[0])} is outside [0, {num_classes}): "
+                         f"MODEL.SPARSE_DETR.NUM_CLASSES={num_classes} must be the dataset's number of classes "
+                         f"(len(thing_classes), contiguous ids as Detectron2's dataset loaders map them)")
+    bad = ~torch.isfinite(boxes).all(1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if bad.any():
+        raise ValueError(f"ground-truth box {boxes[bad][0].tolist()} is not a finite XYXY box with x1 <= x2, y1 <= y2")
 
 
 @META_ARCH_REGISTRY.register()
@@ -326,6 +344,10 @@ class SparseDETR(nn.Module):
         """Ground truth of each image: "labels" (n,) and "boxes" (n, 4) cxcywh normalised to its size."""
         targets = []
         for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            if "instances" not in x:
+                raise ValueError("training needs every input's ground truth as 'instances' (gt_boxes, gt_classes; "
+                                 "empty for an image without objects): give each dataset dict an 'annotations' list")
+            check_ground_truth(x["instances"], self.num_classes)
             inst = x["instances"].to(self.device)
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_convert(inst.gt_boxes.tensor / scale, "xyxy", "cxcywh")
