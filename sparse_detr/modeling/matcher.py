@@ -86,5 +86,6 @@ class HungarianMatcher(nn.Module):
             f"(per image: {per_image}; per term, whole batch: {terms}; non-finite inputs: "
             f"pred_logits {int((~torch.isfinite(logits)).sum())}, "
             f"pred_boxes {int((~torch.isfinite(boxes)).sum())}). The model produced NaN/inf "
-            f"predictions: training diverged, or half precision overflowed (run the heads and "
-            f"losses in float32 under AMP, lower the learning rate, or check the gradient clip).")
+            f"predictions: training diverged, an input image holds NaN/inf, or half precision "
+            f"overflowed (run the heads and losses in float32 under AMP, lower the learning rate, or check the "
+            f"gradient clip).")
