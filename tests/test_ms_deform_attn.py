@@ -71,6 +71,18 @@ def test_matches_reference(device, N, D):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_reference_random_geometry(device, seed):
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    shapes = tuple((draw(1, 9), draw(1, 9)) for _ in range(draw(1, 4)))
+    inputs = make_inputs(N=draw(1, 3), M=draw(1, 4), D=draw(1, 40), shapes=shapes, Lq=draw(1, 30), P=draw(1, 4),
+                         device=device, seed=seed)
+    assert_matches_reference(inputs, atol=1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_matches_reference_float32_many_queries(device):
     """Enough queries for every thread to take work (the CPU backward then sums per-thread grad_value copies)."""
     inputs = make_inputs(N=2, M=8, D=32, shapes=((16, 20), (8, 10), (4, 5), (2, 3)), Lq=300, P=4,

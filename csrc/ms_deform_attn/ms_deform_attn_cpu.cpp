@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -238,7 +237,6 @@ __attribute__((target("avx2,fma"))) void run_avx2(const typename Block::Args& a,
                                                     int64_t end) {
   Block::run(a, w, begin, end);
 }
-
 #endif
 
 template <class Block>
