@@ -6,7 +6,6 @@
     python projects/SparseDETR/train_net.py --config-file ... --resume
     python projects/SparseDETR/train_net.py --config-file ... MODEL.DEVICE cpu
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -15,6 +14,7 @@ from detectron2.utils import comm
 import sparse_detr  # noqa: F401  (registers the SparseDETR meta-architecture)
 import sparse_detr.data  # noqa: F401  (registers the project's datasets)
 from sparse_detr import add_sparse_detr_config
+from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.engine import Trainer
 
 
@@ -33,7 +33,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SparseDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -3,13 +3,13 @@ import logging
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import SparseDETRCheckpointer
 from ..data import build_dataset_mapper
 from ..evaluation import DAMCorrelationEvaluator
 from .optimizer import build_sparse_detr_optimizer
@@ -24,6 +24,8 @@ class Trainer(DefaultTrainer):
     * the optimizer is `build_sparse_detr_optimizer` (AdamW groups, full-model gradient clipping);
     * the evaluator is chosen by the test dataset's `evaluator_type` ("coco": COCOEvaluator), plus
       DAMCorrelationEvaluator with MODEL.SPARSE_DETR.TEST_DAM_CORRELATION;
+    * checkpoints load through `SparseDETRCheckpointer` (clear errors for truncated, official-format
+      or other models' checkpoints; strict when resuming);
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
       for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it.
     """
@@ -45,7 +47,7 @@ class Trainer(DefaultTrainer):
         trainer_type = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_type(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
