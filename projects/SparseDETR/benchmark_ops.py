@@ -83,6 +83,16 @@ def load_peer(path, install):
     return module, f"{PEER} built into {os.path.relpath(path, ROOT)} in {time.time() - start:.0f} s"
 
 
+def peer_runs_on(peer, device):
+    """None when the peer runs on `device` (a tiny call), else why not (e.g. built without CUDA kernels)."""
+    value, shapes, starts, loc, weights = make_inputs(0.001, device)
+    try:
+        peer.ms_deform_attn(value, shapes, starts, loc, weights)
+    except Exception as e:  # noqa: BLE001  (any failure means: leave it out, say why)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def make_inputs(fraction, device, seed=0):
     """value, spatial_shapes, level_start_index, locations, weights for a `fraction` of the tokens as queries."""
     g = torch.Generator().manual_seed(seed)
@@ -198,6 +208,8 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU")
     peer, peer_note = load_peer(args.peer_path, args.install_peer)
+    if peer is not None and (failure := peer_runs_on(peer, args.device)):
+        peer, peer_note = None, f"{peer_note}, but it fails on {args.device}: {failure}"
     impls = implementations(peer)
     peer_name = "torch-ms-deform-attn 0.1.1"
     results = {}

@@ -20,7 +20,9 @@ mkdir -p "$RESULTS"
 SUMMARY="$RESULTS/summary.md"
 PEER_DIR="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
+DEADLINE=$(( $(date +%s) + 285 ))  # the whole script stays under 5 minutes
 step() { echo "- $*" | tee -a "$SUMMARY"; }
+budget() { local left=$(( DEADLINE - $(date +%s) )); echo $(( left < $1 ? (left > 5 ? left : 5) : $1 )); }
 
 : >"$SUMMARY"
 "$PY" - <<'PY' | tee -a "$SUMMARY"
@@ -38,20 +40,20 @@ export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$CAP}" MAX_JOB
 # The peer builds in the background meanwhile (its CUDA kernels take a while).
 SDIST="$(ls .cache/peer_sdist/torch_ms_deform_attn-0.1.1.tar.gz 2>/dev/null || true)"
 if [ -n "$SDIST" ]; then
-  (timeout 200 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --target "$PEER_DIR" "$SDIST" \
+  (timeout "$(budget 200)" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --target "$PEER_DIR" "$SDIST" \
     >"$RESULTS/peer_build.log" 2>&1; echo $? >"$RESULTS/peer_build.rc") &
   PEER_PID=$!
 fi
 
 start=$(date +%s)
-if timeout 240 "$PY" setup.py -q build_ext --inplace >"$RESULTS/build.log" 2>&1; then
+if timeout "$(budget 170)" "$PY" setup.py -q build_ext --inplace >"$RESULTS/build.log" 2>&1; then
   step "build: sparse_detr._C with CUDA kernels for sm_${CAP/./} in $(( $(date +%s) - start )) s"
 else
   step "build FAILED (exit $?): see build.log"; tail -30 "$RESULTS/build.log"; exit 1
 fi
 
 # Tests that start a fresh interpreter need the whole package (Detectron2): they ran on the CPU machines.
-timeout 150 "$PY" tests/gpu/light.py -m pytest -q -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
+timeout "$(budget 90)" "$PY" tests/gpu/light.py -m pytest -q -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
   -k "not extension_hidden and not baseline_instruction" >"$RESULTS/tests.log" 2>&1
 rc=$?
 step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$RESULTS/tests.log")"
@@ -65,7 +67,7 @@ else
 fi
 
 echo -e "\n## Op benchmark (CUDA)\n" >>"$SUMMARY"
-timeout 120 "$PY" tests/gpu/light.py projects/SparseDETR/benchmark_ops.py --device cuda --repeats 20 --warmup 3 \
+timeout "$(budget 60)" "$PY" tests/gpu/light.py projects/SparseDETR/benchmark_ops.py --device cuda --repeats 20 --warmup 3 \
   --peer-path "$PEER_DIR" --output "$RESULTS/benchmark_cuda.md" >"$RESULTS/benchmark.log" 2>&1
 rc=$?
 if [ $rc -eq 0 ]; then cat "$RESULTS/benchmark_cuda.md" >>"$SUMMARY"; else step "benchmark FAILED (exit $rc)"; tail -20 "$RESULTS/benchmark.log" | tee -a "$SUMMARY"; fi
