@@ -410,7 +410,8 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
                 r = measure_latency(model, random_batch(b, image_size), warmup, iters)
                 row["latency"][b] = r
                 log(f"rho={rho} batch {b}: median {r['latency_s'] * 1e3:.0f} ms "
-                    f"({', '.join(f'{t * 1e3:.0f}' for t in r['times_s'])}), peak +{r['peak_mem_mib']:.0f} MiB")
+                    f"({', '.join(f'{t * 1e3:.0f}' for t in r['times_s'])}), CPU time {r['cpu_s']:.2f} s, "
+                    f"peak +{r['peak_mem_mib']:.0f} MiB")
         if profile_dir is not None:
             text, row["profile"] = profile_forward(model, random_batch(batch_sizes[0], image_size))
             with open(os.path.join(profile_dir, f"profile_rho{rho}.txt"), "w") as f:
