@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 import sparse_detr.data  # noqa: F401  (as train_net.py)
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.checkpoint import CheckpointError, SparseDETRCheckpointer
-from sparse_detr.engine import Trainer
+from sparse_detr.engine import Trainer, build_sparse_detr_optimizer
 from sparse_detr.modeling import SparseDETR
 from synthetic import register_synthetic, tiny_opts
 from utils import tiny_cfg
@@ -71,6 +71,18 @@ def test_non_finite_loss_stops_training_naming_the_loss(data_dir, tmp_path, monk
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # no optimizer step on the broken losses
     assert not os.path.exists(tmp_path / "model_final.pth")
+
+
+def test_non_finite_gradient_stops_the_step_before_the_weights_change():
+    """Finite losses but a NaN gradient (which the official clipping would spread to every weight)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    optimizer = build_sparse_detr_optimizer(_cfg("", 1), model)  # AdamW, full-model clipping
+    model(torch.ones(2, 3)).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 # ---------------------------------------------------------------------------------------------- interruption

@@ -54,7 +54,8 @@ def maybe_add_full_model_gradient_clipping(cfg, optimizer_type):
     whole model); other clip types are Detectron2's per-parameter clipping.
 
     Under AMP, `GradScaler.step` unscales the gradients before calling `step`, so the norm is that
-    of the true gradients.
+    of the true gradients (and skips `step` when they overflowed). A non-finite norm otherwise raises
+    a RuntimeError before the weights change (the official code would clip every gradient to NaN).
     """
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if not clip.ENABLED:
@@ -62,7 +63,8 @@ def maybe_add_full_model_gradient_clipping(cfg, optimizer_type):
     if clip.CLIP_TYPE != "full_model":
         return maybe_add_gradient_clipping(cfg, optimizer_type)
     clip_all = functools.partial(
-        torch.nn.utils.clip_grad_norm_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE
+        torch.nn.utils.clip_grad_norm_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE,
+        error_if_nonfinite=True,
     )
     return _generate_optimizer_class_with_gradient_clipping(optimizer_type, global_clipper=clip_all)
 
