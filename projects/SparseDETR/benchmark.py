@@ -456,39 +456,48 @@ def markdown_table(rows: List[Dict], cpu: bool = True) -> str:
 
 
 def plot_results(rows: List[Dict], path: str, title: str = "") -> None:
-    """PNG: GFLOPs (ours and the paper's) and latency of the first batch size against rho, each point
-    annotated with the paper's AP."""
+    """PNG against rho: GFLOPs (ours and the paper's) and seconds per forward at the first batch size
+    (wall-clock median, and CPU time where measured). Sparse rows are joined by lines; the dense
+    baseline (rho 0) is a star with a dotted level line. Points carry the paper's AP."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rhos = [r["rho"] for r in rows]
-    panels = []
+    panels = []  # (y label, [(series label, style, {rho: value})])
     if any("flops" in r for r in rows):
-        panels.append(("GFLOPs", [r.get("flops", math.nan) / 1e9 for r in rows],
-                       [(r.get("paper") or {}).get("gflops", math.nan) for r in rows]))
+        ours = {r["rho"]: r["flops"] / 1e9 for r in rows if "flops" in r}
+        paper = {r["rho"]: r["paper"]["gflops"] for r in rows if r.get("paper")}
+        panels.append(("GFLOPs", [("this implementation", "o-", ours), ("paper", "s--", paper)]))
     batch_sizes = sorted({b for r in rows for b in r.get("latency", {})})
     if batch_sizes:
         b = batch_sizes[0]
-        panels.append((f"latency, batch {b} (ms)",
-                       [r["latency"][b]["latency_s"] * 1e3 if b in r.get("latency", {}) else math.nan
-                        for r in rows], None))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5), squeeze=False)
-    for ax, (label, ours, paper) in zip(axes[0], panels):
-        ax.plot(rhos, ours, "o-", label="this implementation")
-        if paper is not None and not all(math.isnan(p) for p in paper):
-            ax.plot(rhos, paper, "s--", color="gray", label="paper")
-        for rho, y, r in zip(rhos, ours, rows):
-            ap = (r.get("paper") or {}).get("ap")
-            if ap is not None and not math.isnan(y):
-                ax.annotate(f"AP {ap:.1f}", (rho, y), textcoords="offset points", xytext=(0, 8), ha="center",
-                            fontsize=8)
-        ax.set_xlabel("rho (0 = dense encoder)")
-        ax.set_ylabel(label)
-        ax.set_xticks(rhos)
+        timed = [r for r in rows if b in r.get("latency", {})]
+        series = [("latency (median)", "o-", {r["rho"]: r["latency"][b]["latency_s"] for r in timed})]
+        if all("cpu_s" in r["latency"][b] for r in timed):
+            series.append(("CPU time, all threads", "^:", {r["rho"]: r["latency"][b]["cpu_s"] for r in timed}))
+        panels.append((f"seconds per forward, batch {b}", series))
+    ap = {r["rho"]: r["paper"]["ap"] for r in rows if r.get("paper")}
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.5), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for i, (label, style, values) in enumerate(series):
+            color = f"C{i}" if label != "paper" else "gray"
+            sparse = sorted(rho for rho in values if rho > 0)
+            ax.plot(sparse, [values[rho] for rho in sparse], style, color=color, label=label)
+            if 0 in values:
+                ax.plot([0], [values[0]], "*", color=color, markersize=12)
+                ax.axhline(values[0], color=color, linestyle=":", linewidth=0.8)
+            if i == 0:
+                for rho, y in values.items():
+                    if rho in ap:
+                        ax.annotate(f"AP {ap[rho]:.1f}", (rho, y), textcoords="offset points", xytext=(0, 8),
+                                    ha="center", fontsize=8)
+        ax.set_xlabel("rho (star: dense baseline, rho = 0)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(sorted({r["rho"] for r in rows}))
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
