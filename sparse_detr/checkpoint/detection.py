@@ -3,9 +3,9 @@ from typing import List, Optional, Sequence
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["CheckpointError", "SparseDETRCheckpointer"]
+from .official import OFFICIAL_BACKBONE_PREFIX
 
-OFFICIAL_BACKBONE_PREFIXES = ("backbone.0.body.", "module.backbone.0.body.")
+__all__ = ["CheckpointError", "SparseDETRCheckpointer"]
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +52,7 @@ class SparseDETRCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         path, resuming = self._loading
         names = list(checkpoint["model"])
-        if any(k.startswith(OFFICIAL_BACKBONE_PREFIXES) for k in names):
+        if any(k.startswith((OFFICIAL_BACKBONE_PREFIX, "module." + OFFICIAL_BACKBONE_PREFIX)) for k in names):
             raise CheckpointError(
                 f"{path} is an official Sparse DETR checkpoint; convert it first: python "
                 f"projects/SparseDETR/convert_official_checkpoint.py --source {path} --output converted.pth")
