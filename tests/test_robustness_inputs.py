@@ -141,6 +141,7 @@ def test_mapper_drops_empty_boxes_and_clips_outside_ones_with_a_warning(tmp_path
     Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(path)
     boxes = [[10, 10, 20, 20], [30, 5, 0, 10], [40, 20, -15, 10], [70, 50, 30, 30], [-5, -5, 10, 10]]
     monkeypatch.setattr(d2_logger, "_LOG_COUNTER", collections.Counter())  # fresh warn-once counters
+    monkeypatch.setattr(logging.getLogger("sparse_detr"), "propagate", True)  # demo.py's setup_logger turns it off
     with caplog.at_level(logging.WARNING):
         out = mapper(_dataset_dict(path, boxes))
     assert "2 of 5 boxes have zero or negative width or height (dropped), 2 extend outside the image" in caplog.text
