@@ -17,10 +17,12 @@ config is two-stage with box refinement). Models have random weights. For each r
   multiply-add = one FLOP, conv / linear / matmul / norm / upsample / grid_sampler (4 per output) counted,
   elementwise ops not; plus the per-stage split (backbone, input_proj, scoring, encoder, decoder, heads);
 * latency: median of --iters forwards (after --warmup) of --batch-size random uint8 images of --image
-  size through the model's normal inference forward, under torch.inference_mode(); CPU with
-  --threads threads, CUDA with torch.cuda.synchronize() around every forward;
-* peak memory during those forwards over the process with the model loaded: peak RSS (VmHWM, reset
-  through /proc/self/clear_refs) on CPU, torch.cuda.max_memory_allocated on CUDA.
+  size through the model's normal inference forward, under torch.inference_mode(), the models timed
+  in turn (round-robin) so that a changing machine load weighs on all alike; CPU with --threads
+  threads (the process CPU time per forward too), CUDA with torch.cuda.synchronize() around every
+  forward;
+* peak memory during the warm-up forwards over the process with the models loaded: peak RSS (VmHWM,
+  reset through /proc/self/clear_refs) on CPU, torch.cuda.max_memory_allocated on CUDA.
 
 Writes benchmark.md (table), benchmark.json (rows), benchmark.png (GFLOPs and latency vs rho, paper AP
 annotated) and, with --profile, profile_rho<rho>.txt (torch.profiler) to --output-dir.
@@ -263,30 +265,42 @@ def _peak(device: torch.device) -> int:
     return _rss_kib("VmHWM") * 1024
 
 
-def measure_latency(model: nn.Module, inputs: List[Dict], warmup: int = 1, iters: int = 5) -> Dict[str, float]:
-    """Median wall time of `iters` inference forwards of `inputs` after `warmup` ones.
+def measure_latency(models: Sequence[nn.Module], inputs: List[Dict], warmup: int = 1, iters: int = 5
+                    ) -> List[Dict[str, float]]:
+    """Time inference forwards of `inputs` through each of `models`, interleaved: after `warmup`
+    forwards of each model, `iters` rounds that run every model once, so that a machine load that
+    changes during the run weighs on all models alike.
 
-    Returns "latency_s" (median), "times_s" (all), "fps" (images per second at the median),
-    "cpu_s" (median CPU time of the process per forward, all threads, kernel time included: on a shared
-    machine the wall time also counts waiting for a core, CPU time does not) and "peak_mem_mib": peak
-    memory during the forwards (warm-up included) above the usage before them.
+    Returns per model: "latency_s" (median wall time), "min_s", "times_s" (all), "fps" (images per
+    second at the median), "cpu_s" (median CPU time of the process per forward, all threads, kernel
+    time included: on a shared machine the wall time also counts waiting for a core, CPU time does
+    not) and "peak_mem_mib": peak memory during the model's warm-up above the usage before it.
     """
-    device = model.device
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1 (peak memory is measured on the warm-up forwards)")
+    device = models[0].device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    base = _reset_peak(device)
-    times, cpu_times = [], []
+    stats = [{"times_s": [], "cpu_times_s": []} for _ in models]
     with torch.inference_mode():
-        for i in range(warmup + iters):
+        for st, model in zip(stats, models):
+            base = _reset_peak(device)
+            for _ in range(warmup):
+                model(inputs)
             sync()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            model(inputs)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - cpu_start)
-    latency = statistics.median(times)
-    return {"latency_s": latency, "times_s": times, "fps": len(inputs) / latency,
-            "cpu_s": statistics.median(cpu_times), "peak_mem_mib": (_peak(device) - base) / 2 ** 20}
+            st["peak_mem_mib"] = (_peak(device) - base) / 2 ** 20
+        for _ in range(iters):
+            for st, model in zip(stats, models):
+                sync()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                model(inputs)
+                sync()
+                st["times_s"].append(time.perf_counter() - start)
+                st["cpu_times_s"].append(time.process_time() - cpu_start)
+    for st in stats:
+        st.update(latency_s=statistics.median(st["times_s"]), min_s=min(st["times_s"]),
+                  cpu_s=statistics.median(st["cpu_times_s"]))
+        st["fps"] = len(inputs) / st["latency_s"]
+    return stats
 
 
 def cache_freed_memory() -> bool:
@@ -392,9 +406,10 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
                   flops_image_size=FLOPS_IMAGE, warmup: int = 1, iters: int = 5, flops: bool = True,
                   latency: bool = True, as_official: bool = False, channels_last: bool = False,
                   profile_dir: Optional[str] = None, log=print) -> List[Dict]:
-    """One row per rho (see the module docstring); the device is cfg.MODEL.DEVICE. With `profile_dir`,
-    one profiled forward per rho at the first batch size is written to profile_rho<rho>.txt there."""
-    rows = []
+    """One row per rho (see the module docstring); the device is cfg.MODEL.DEVICE. All models are
+    built first and timed interleaved (see `measure_latency`). With `profile_dir`, one profiled forward
+    per rho at the first batch size is written to profile_rho<rho>.txt there."""
+    rows, models = [], []
     for rho in rhos:
         rcfg = config_for_rho(cfg, rho, as_official)
         torch.manual_seed(0)
@@ -404,21 +419,21 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
             start = time.perf_counter()
             row.update(count_flops(model, flops_image_size))
             log(f"rho={rho}: {row['flops'] / 1e9:.2f} GFLOPs ({time.perf_counter() - start:.0f} s to count)")
-        if latency:
-            row["latency"] = {}
-            for b in batch_sizes:
-                r = measure_latency(model, random_batch(b, image_size), warmup, iters)
-                row["latency"][b] = r
-                log(f"rho={rho} batch {b}: median {r['latency_s'] * 1e3:.0f} ms "
-                    f"({', '.join(f'{t * 1e3:.0f}' for t in r['times_s'])}), CPU time {r['cpu_s']:.2f} s, "
-                    f"peak +{r['peak_mem_mib']:.0f} MiB")
-        if profile_dir is not None:
-            text, row["profile"] = profile_forward(model, random_batch(batch_sizes[0], image_size))
-            with open(os.path.join(profile_dir, f"profile_rho{rho}.txt"), "w") as f:
-                f.write(text + "\n")
         rows.append(row)
-        del model
-        gc.collect()
+        models.append(model)
+    for b in batch_sizes if latency else ():
+        for row, r in zip(rows, measure_latency(models, random_batch(b, image_size), warmup, iters)):
+            row.setdefault("latency", {})[b] = r
+            log(f"rho={row['rho']} batch {b}: median {r['latency_s'] * 1e3:.0f} ms "
+                f"({', '.join(f'{t * 1e3:.0f}' for t in r['times_s'])}), CPU time {r['cpu_s']:.2f} s, "
+                f"peak +{r['peak_mem_mib']:.0f} MiB")
+    if profile_dir is not None:
+        for row, model in zip(rows, models):
+            text, row["profile"] = profile_forward(model, random_batch(batch_sizes[0], image_size))
+            with open(os.path.join(profile_dir, f"profile_rho{row['rho']}.txt"), "w") as f:
+                f.write(text + "\n")
+    del models
+    gc.collect()
     return rows
 
 
@@ -536,7 +551,7 @@ def parse_args(argv=None):
     p.add_argument("--image", type=_size, default=(800, 1216), help="HxW of the latency images")
     p.add_argument("--flops-image", type=_size, default=FLOPS_IMAGE, help="HxW of the FLOP-count image")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed forwards per model (at least 1)")
     p.add_argument("--iters", type=int, default=5, help="timed forwards (median reported; at least 5)")
     p.add_argument("--channels-last", action="store_true", help="convert the model to channels_last")
     p.add_argument("--cache-freed-memory", action="store_true",
@@ -551,6 +566,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.iters < 5:
         p.error("--iters must be at least 5 (the median of at least 5 timed forwards)")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (peak memory is measured on the warm-up forwards)")
     if args.batch_size is None:
         args.batch_size = [1, 4] if args.device == "cuda" else [1]
     return args
@@ -580,7 +597,8 @@ def main(argv=None) -> List[Dict]:
              f"{args.iters} after {args.warmup} warm-up, {args.image[0]}x{args.image[1]} images, "
              f"{'channels_last, ' if args.channels_last else ''}"
              f"{'freed memory cached (mallopt), ' if args.cache_freed_memory else ''}{args.device}; "
-             "CPU time: process CPU time per forward (all threads); peak memory above the loaded model.",
+             "models timed in turn; CPU time: process CPU time per forward (all threads); peak memory: "
+             "during the warm-up, above the loaded models.",
              f"Before: {env_before}", f"After: {_environment(args.device)}"]
     report = "\n".join(notes) + "\n\n" + table + "\n"
     with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
