@@ -362,35 +362,37 @@ def _labelled_stages(model: nn.Module) -> Iterator[None]:
 def profile_forward(model: nn.Module, inputs: List[Dict], top: int = 20) -> Tuple[str, List[Dict]]:
     """Profile one inference forward (after one warm-up) with torch.profiler.
 
-    Returns a text report (stage times, then the `top` operators by self time) and the rows of both
-    ({"name", "self_ms" or "total_ms", "percent"}).
+    Returns a text report (stage times, then the `top` operators by self time: CPU time on CPU, GPU
+    time on CUDA) and the rows of both ({"kind", "name", "total_ms" or "self_ms", "percent"}).
     """
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if model.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    cuda = model.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.inference_mode():
         model(inputs)
         with _labelled_stages(model), torch.profiler.profile(activities=activities) as prof:
             model(inputs)
-            if model.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(model.device)
+    clock = "device" if cuda else "cpu"
     events = prof.key_averages()
     stage_events = [e for e in events if e.key.startswith("stage: ")]
     op_events = [e for e in events if not e.key.startswith("stage: ")]
-    total_us = sum(e.cpu_time_total for e in stage_events if e.key[7:] in _PROFILED_METHODS)  # top-level steps
-    self_us = sum(e.self_cpu_time_total for e in op_events) or 1
-    rows = [{"kind": "stage", "name": e.key[7:], "total_ms": e.cpu_time_total / 1e3,
-             "percent": 100 * e.cpu_time_total / max(total_us, 1)} for e in stage_events]
-    rows += [{"kind": "op", "name": e.key, "self_ms": e.self_cpu_time_total / 1e3,
-              "percent": 100 * e.self_cpu_time_total / self_us, "calls": e.count}
-             for e in sorted(op_events, key=lambda e: -e.self_cpu_time_total)[:top]]
-    lines = [f"forward (sum of pipeline steps): {total_us / 1e3:.1f} ms", "", "stage                       ms      %"]
+    total = {e.key[7:]: getattr(e, f"{clock}_time_total") for e in stage_events}
+    total_us = sum(t for name, t in total.items() if name in _PROFILED_METHODS)  # top-level steps
+    self_us = sum(getattr(e, f"self_{clock}_time_total") for e in op_events) or 1
+    rows = [{"kind": "stage", "name": name, "total_ms": t / 1e3, "percent": 100 * t / max(total_us, 1)}
+            for name, t in total.items()]
+    rows += [{"kind": "op", "name": e.key, "self_ms": getattr(e, f"self_{clock}_time_total") / 1e3,
+              "percent": 100 * getattr(e, f"self_{clock}_time_total") / self_us, "calls": e.count}
+             for e in sorted(op_events, key=lambda e: -getattr(e, f"self_{clock}_time_total"))[:top]]
+    lines = [f"forward (sum of pipeline steps, {clock} time): {total_us / 1e3:.1f} ms", "",
+             "stage                       ms      %"]
     lines += [f"{r['name']:<24}{r['total_ms']:>9.1f}{r['percent']:>7.1f}" for r in rows if r["kind"] == "stage"]
-    lines += ["", f"top {top} operators by self CPU time", "operator                                       "
-              "calls   self ms      %"]
+    lines += ["", f"top {top} operators by self {clock} time",
+              "operator                                       calls   self ms      %"]
     lines += [f"{r['name'][:46]:<46}{r['calls']:>6}{r['self_ms']:>10.1f}{r['percent']:>7.1f}"
               for r in rows if r["kind"] == "op"]
-    lines += ["", events.table(sort_by="self_cpu_time_total", row_limit=top)]
+    lines += ["", events.table(sort_by=f"self_{clock}_time_total", row_limit=top)]
     return "\n".join(lines), rows
 
 
