@@ -73,12 +73,12 @@ def test_latency_profile_table_plot(bm, results, tmp_path):
         for b in (1, 2):
             lat = r["latency"][b]
             assert len(lat["times_s"]) == 5 and lat["latency_s"] > 0 and lat["cpu_s"] > 0 and lat["peak_mem_mib"] >= 0
-            assert lat["fps"] == pytest.approx(b / lat["latency_s"])
+            assert lat["fps"] == pytest.approx(b / lat["latency_s"]) and lat["min_s"] <= lat["latency_s"]
         assert (out / f"profile_rho{r['rho']}.txt").exists()
         assert any(p["kind"] == "stage" and p["name"] == "backbone" for p in r["profile"])
     lines = bm.markdown_table(rows).splitlines()
     assert len(lines) == 2 + len(RHOS)
-    assert "latency b2 (ms)" in lines[0] and lines[2].startswith("| 0 (dense) |")
+    assert "latency b2 (ms)" in lines[0] and "best b2 (ms)" in lines[0] and lines[2].startswith("| 0 (dense) |")
     png = tmp_path / "plot.png"
     bm.plot_results(rows, str(png), "tiny")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -444,15 +444,16 @@ def _fmt(x, digits=1, scale=1.0):
 
 
 def markdown_table(rows: List[Dict], cpu: bool = True) -> str:
-    """The results as a markdown table (GFLOPs per stage, latency/FPS/[CPU time]/memory per batch size,
-    paper row); `cpu` adds the CPU-time columns."""
+    """The results as a markdown table (GFLOPs per stage; median and best latency, FPS at the median,
+    [CPU time], memory per batch size; paper row); `cpu` adds the CPU-time columns."""
     batch_sizes = sorted({b for r in rows for b in r.get("latency", {})})
     has_flops = any("flops" in r for r in rows)
     head = ["rho", "params (M)", "params, paper count (M)"]
     if has_flops:
         head += ["GFLOPs"] + [f"{s}" for s in STAGES]
     for b in batch_sizes:
-        head += [f"latency b{b} (ms)", f"FPS b{b}"] + ([f"CPU time b{b} (s)"] if cpu else []) + [f"peak mem b{b} (MiB)"]
+        head += [f"latency b{b} (ms)", f"best b{b} (ms)", f"FPS b{b}"] + ([f"CPU time b{b} (s)"] if cpu else [])
+        head += [f"peak mem b{b} (MiB)"]
     head += ["paper GFLOPs", "paper params (M)", "paper AP", "paper B4FPS (V100)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -463,7 +464,8 @@ def markdown_table(rows: List[Dict], cpu: bool = True) -> str:
             cells += [_fmt(r.get("flops"), 2, 1e9)] + [_fmt(r.get(f"flops_{s}"), 2, 1e9) for s in STAGES]
         for b in batch_sizes:
             lat = r.get("latency", {}).get(b)
-            cells += [_fmt(lat and lat["latency_s"], 0, 1e-3), _fmt(lat and lat["fps"], 2)]
+            cells += [_fmt(lat and lat["latency_s"], 0, 1e-3), _fmt(lat and lat["min_s"], 0, 1e-3),
+                      _fmt(lat and lat["fps"], 2)]
             cells += [_fmt(lat and lat["cpu_s"], 2)] if cpu else []
             cells += [_fmt(lat and lat["peak_mem_mib"], 0)]
         cells += [_fmt(paper.get("gflops")), _fmt(paper.get("params")), _fmt(paper.get("ap")),
