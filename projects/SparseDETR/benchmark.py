@@ -523,11 +523,17 @@ def plot_results(rows: List[Dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError, AttributeError):
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
+    return platform.processor() or platform.machine()
+
+
 def _environment(device: str) -> str:
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     where = (torch.cuda.get_device_name(0) if device == "cuda"
-             else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
-                  f"of {os.cpu_count()} cores")
+             else f"{_cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores")
     return (f"torch {torch.__version__}, sparse_detr {sparse_detr.__version__}, {where}; "
             f"attention: {_attention_backend(device)}; load average (1/5/15 min) {load}")
 
