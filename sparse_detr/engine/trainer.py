@@ -74,6 +74,6 @@ class Trainer(DefaultTrainer):
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         evaluator = COCOEvaluator(dataset_name, output_dir=output_folder)
-        if cfg.MODEL.SPARSE_DETR.TEST_DAM_CORRELATION:  # the paper's DAM correlation (docs/analyses.md)
+        if cfg.MODEL.SPARSE_DETR.TEST_DAM_CORRELATION:  # the paper's DAM correlation (projects/SparseDETR/README.md, "The paper's analyses")
             return DatasetEvaluators([evaluator, DAMCorrelationEvaluator()])
         return evaluator
