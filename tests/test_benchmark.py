@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 from detectron2.modeling import build_model
 
 from utils import tiny_cfg

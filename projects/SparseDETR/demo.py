@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import tqdm
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
@@ -58,6 +58,18 @@ def setup_cfg(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     return cfg
+
+
+def test_metadata(cfg):
+    """Metadata of the first test dataset, with its class names: a `register_coco_instances` dataset
+    gets `thing_classes` only when loaded, so it is loaded if it has none yet."""
+    if not len(cfg.DATASETS.TEST):
+        return MetadataCatalog.get("__unused")
+    name = cfg.DATASETS.TEST[0]
+    metadata = MetadataCatalog.get(name)
+    if not hasattr(metadata, "thing_classes") and name in DatasetCatalog.list():
+        DatasetCatalog.get(name)
+    return metadata
 
 
 def expand_inputs(inputs):
@@ -127,7 +139,7 @@ def main(argv=None):
     if args.show_tokens and cfg.MODEL.SPARSE_DETR.TEST_RHO == 0:
         raise SystemExit("--show-tokens needs MODEL.SPARSE_DETR.TEST_RHO != 0")
     predictor = TokenSelectionPredictor(cfg)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+    metadata = test_metadata(cfg)
     os.makedirs(args.output, exist_ok=True)
     if args.input:
         run_images(predictor, metadata, expand_inputs(args.input), args)
