@@ -331,7 +331,7 @@ def test_transformer_is_padding_invariant():
         x = tr.flatten(srcs, masks, [pe(m) for m in masks])
         enc = model.forward_encoder(x, 0.3, with_aux=False)
         queries = model.pre_decoder(x, enc["memory"])
-        out = model.forward_heads(model.forward_decoder(x, enc["memory"], queries))
+        out = model.forward_heads(model.forward_decoder(x, enc["memory"], queries), all_layers=True)
         return x, enc, queries, out
 
     with torch.no_grad():

@@ -125,11 +125,15 @@ def test_eval_outputs_match_official(official, sparse_eval):
     assert "sampling_locations_dec" in errors and "aux_outputs_enc.1.pred_logits" in errors
 
 
-def test_postprocessed_top100_match_official(official, sparse_eval):
-    _, detections = sparse_eval
+def test_postprocessed_top100_match_official(official, sparse_model, sparse_eval):
+    """Through `forward_raw` + `postprocess` and through the inference `forward` (channels_last backbone
+    input on CPU, in-place encoder write-back, last decoder layer's heads only)."""
+    with torch.no_grad():
+        forward_detections = sparse_model(_inputs(official))
     sizes = [im.shape[:2] for im in official["inputs"]["images_uint8_rgb"]]
     reference = _official_detections(official["eval"]["postprocess"], sizes)
-    _compare(_detections(detections), reference, rtol=RTOL)
+    for detections in (sparse_eval[1], forward_detections):
+        _compare(_detections(detections), reference, rtol=RTOL)
 
 
 def test_dam_and_scoring_target_match_official(official, sparse_eval):

@@ -176,37 +176,40 @@ class _InferenceGraph(nn.Module):
     """`SparseDETR.forward` in inference on one uint8 (3, H, W) image, as a traceable module: the same
     preprocessing and `run` (encoder auxiliary heads only if the model runs them at inference), returning
     every output tensor, so tracing keeps every head the model computes (the official count does the
-    same). Detection post-processing (sigmoid, top-k, gather: no counted FLOPs) is left out.
+    same). Detection post-processing (sigmoid, top-k, gather: no counted FLOPs) is left out. With
+    `official`, every decoder layer's class and box heads run, as in the official inference.
 
     The model's own forward cannot be traced: under tracing ImageList.from_tensors gives image sizes as
     tensors, which `pre_transformer`'s `torch.as_tensor(images.image_sizes)` rejects.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, official: bool = False):
         super().__init__()
         self.model = model
+        self.official = official
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         m = self.model
         images = m.preprocess_image([{"image": image}])
         images = ImageList(images.tensor, [(int(h), int(w)) for h, w in images.image_sizes])
-        out = m.run(images, m.current_rho(), with_enc_aux=m.enc_aux_heads_at_inference)
+        out = m.run(images, m.current_rho(), with_enc_aux=m.enc_aux_heads_at_inference, raw=self.official)
         return tuple(_tensors(out))
 
 
-def count_flops(model: nn.Module, image_size: Tuple[int, int] = FLOPS_IMAGE) -> Dict[str, float]:
+def count_flops(model: nn.Module, image_size: Tuple[int, int] = FLOPS_IMAGE, official: bool = False
+                ) -> Dict[str, float]:
     """FLOPs of one inference forward on a random image of `image_size` (h, w), official method.
 
     Returns "flops" (total) and "flops_<stage>" for STAGES, split by fvcore's module scopes (a module's
     FLOPs include the modules it calls): backbone; input_proj; scoring = the scoring network and, with
     rho > 0, its pass of the shared enc_output(+_norm) projection over all tokens; encoder (with the
     encoder auxiliary heads when they run); decoder (with the box-refinement heads it calls); heads = the
-    rest: two-stage proposal head over all tokens, query embedding, the class/box heads of every decoder
-    layer.
+    rest: two-stage proposal head over all tokens, query embedding, the class/box heads of the last
+    decoder layer (of every layer with `official`).
     """
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, *image_size), dtype=torch.uint8, generator=g).to(model.device)
-    analysis = FlopCountAnalysis(_InferenceGraph(model), (image,))
+    analysis = FlopCountAnalysis(_InferenceGraph(model, official), (image,))
     analysis.clear_op_handles().set_op_handle(**_flop_handles())
     analysis.ancestor_mode("caller")
     analysis.unsupported_ops_warnings(False)
@@ -419,7 +422,7 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
         row = {"rho": float(rho), **count_parameters(model), "paper": paper_row(rcfg, rho)}
         if flops:
             start = time.perf_counter()
-            row.update(count_flops(model, flops_image_size))
+            row.update(count_flops(model, flops_image_size, official=as_official))
             log(f"rho={rho}: {row['flops'] / 1e9:.2f} GFLOPs ({time.perf_counter() - start:.0f} s to count)")
         rows.append(row)
         models.append(model)

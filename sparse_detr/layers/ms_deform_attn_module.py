@@ -58,8 +58,8 @@ class MSDeformAttn(nn.Module):
         S = input_flatten.shape[1]
         M, L, P = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        if input_padding_mask is not None:  # in place: the projection's backward does not need its output
+            value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)

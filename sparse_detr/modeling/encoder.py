@@ -104,6 +104,11 @@ class SparseEncoder(nn.Module):
             query_anchors = _gather_tokens(anchors, topk_inds) if aux_heads else None
             index = topk_inds[..., None].expand(-1, -1, src.shape[-1])
             write = (torch.arange(topk_inds.shape[1], device=src.device)[None] < counts[:, None])[..., None]
+        # Without autograd the write-back goes in place into one copy of src (autograd needs every layer's
+        # memory, which the next layer's value projection saves, so it gets a new tensor per layer).
+        in_place = topk_inds is not None and not torch.is_grad_enabled()
+        if in_place:
+            memory = src.clone()
         aux_outputs: List[Dict[str, torch.Tensor]] = []
         locations, weights = [], []
         for lid, layer in enumerate(self.layers):
@@ -112,7 +117,8 @@ class SparseEncoder(nn.Module):
             if topk_inds is None:
                 memory = query
             else:  # write back the first counts[i] queries; the others rewrite the current value
-                memory = memory.scatter(1, index, torch.where(write, query, memory.gather(1, index)))
+                update = torch.where(write, query, memory.gather(1, index))
+                memory = memory.scatter_(1, index, update) if in_place else memory.scatter(1, index, update)
             if lid < len(aux_heads):
                 class_head, bbox_head = aux_heads[lid]
                 aux_outputs.append({"pred_logits": class_head(query),
