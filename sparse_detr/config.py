@@ -80,6 +80,7 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_RESIZE_MAX_SIZE = 1333
     cfg.INPUT.DETR_CROP_PRE_SIZES = [400, 500, 600]
     cfg.INPUT.DETR_CROP_SIZE = [384, 600]
+    cfg.INPUT.DETR_CROP_PROB = 0.5  # probability of the crop branch (official 0.5; 0 never crops)
 
     # Official optimisation recipe.
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -12,7 +12,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.data import DetrDatasetMapper, RandomSelect, build_dataset_mapper
+from sparse_detr.data import DetrDatasetMapper, RandomSelect, build_dataset_mapper, build_detr_train_augmentation
 from sparse_detr.data.datasets.deepforest import (
     DEEPFOREST_SPLITS,
     clip_boxes_to_window,
@@ -62,6 +62,23 @@ def test_random_select_uses_both_branches():
         kinds.add(type(tfms[0]).__name__)
     assert kinds == {"HFlipTransform", "CropTransform"}
     assert "RandomSelect" in repr(aug)
+
+
+@pytest.mark.parametrize("crop_prob, expected", [(0.0, {"ResizeTransform"}), (1.0, {"ResizeTransform", "CropTransform"})])
+def test_detr_crop_prob_selects_the_branch(crop_prob, expected):
+    cfg = _cfg(DETR_RESIZE_MIN_SIZES=[64], DETR_RESIZE_MAX_SIZE=160, DETR_CROP_PRE_SIZES=[80],
+               DETR_CROP_SIZE=[40, 60], DETR_CROP_PROB=crop_prob, RANDOM_FLIP="none")
+    aug = T.AugmentationList(build_detr_train_augmentation(cfg))
+    np.random.seed(0)
+    kinds = set()
+    for _ in range(20):
+        kinds |= {type(t).__name__ for t in aug(T.AugInput(np.zeros((90, 120, 3), np.uint8))).transforms}
+    assert kinds & {"ResizeTransform", "CropTransform"} == expected
+
+
+def test_detr_crop_prob_out_of_range_names_the_key():
+    with pytest.raises(ValueError, match="INPUT.DETR_CROP_PROB"):
+        build_detr_train_augmentation(_cfg(DETR_CROP_PROB=1.5))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])

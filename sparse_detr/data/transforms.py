@@ -22,13 +22,17 @@ class RandomSelect(T.Augmentation):
 
 
 def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
-    """Flip, then either a multi-scale resize or (resize, random-size crop, multi-scale resize),
-    each with probability 0.5 (official `datasets/coco.py:make_coco_transforms("train")`).
+    """Flip, then either a multi-scale resize or (resize, random-size crop, multi-scale resize), the
+    crop branch with probability INPUT.DETR_CROP_PROB (official `datasets/coco.py:make_coco_transforms
+    ("train")`: 0.5).
 
     Keys: INPUT.RANDOM_FLIP, INPUT.DETR_RESIZE_MIN_SIZES / DETR_RESIZE_MAX_SIZE (the multi-scale
-    resize), INPUT.DETR_CROP_PRE_SIZES (shortest edge before the crop, no max size) and
-    INPUT.DETR_CROP_SIZE (min, max crop height and width, sampled independently).
+    resize), INPUT.DETR_CROP_PRE_SIZES (shortest edge before the crop, no max size),
+    INPUT.DETR_CROP_SIZE (min, max crop height and width, sampled independently), INPUT.DETR_CROP_PROB.
     """
+    crop_prob = cfg.INPUT.DETR_CROP_PROB
+    if not 0.0 <= crop_prob <= 1.0:
+        raise ValueError(f"INPUT.DETR_CROP_PROB={crop_prob} must be in [0, 1]")
     resize = T.ResizeShortestEdge(
         cfg.INPUT.DETR_RESIZE_MIN_SIZES, cfg.INPUT.DETR_RESIZE_MAX_SIZE, sample_style="choice"
     )
@@ -45,5 +49,5 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
             )
         )
-    augs.append(RandomSelect([resize], crop_branch, prob=0.5))
+    augs.append(RandomSelect([resize], crop_branch, prob=1.0 - crop_prob))
     return augs
