@@ -5,7 +5,7 @@ from detectron2.config import get_cfg
 from torch import nn
 
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.engine import build_sparse_detr_optimizer, get_sparse_detr_param_groups
+from sparse_detr.engine import CPUAMPTrainer, build_sparse_detr_optimizer, get_sparse_detr_param_groups
 
 
 class _Attn(nn.Module):
@@ -151,6 +151,26 @@ def test_resume_continues_at_the_next_iteration(trained, tmp_path):
     assert final["iteration"] == 3
     with open(os.path.join(output_dir, "metrics.json")) as f:
         assert [m["iteration"] for m in map(json.loads, f) if "total_loss" in m] == [3]
+
+
+def test_amp_on_cpu_trains_in_bfloat16_with_float32_losses(trained, tmp_path):
+    """SOLVER.AMP.ENABLED with a CPU model: CPUAMPTrainer runs the convolutions and linear layers in
+    bfloat16, the losses come out in float32 and finite, and the weights move."""
+    cfg = train_net.setup(_args(str(tmp_path), 2, extra=["SOLVER.AMP.ENABLED", "True"]))
+    trainer = train_net.Trainer(cfg)
+    assert type(trainer._trainer) is CPUAMPTrainer
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen, losses = [], {}
+    hooks = [model.transformer.encoder.layers[0].linear1.register_forward_hook(lambda m, i, o: seen.append(o.dtype)),
+             model.register_forward_hook(lambda m, i, o: losses.update(o) if isinstance(o, dict) else None)]
+    trainer.train()  # 2 iterations, then the COCO evaluation (in float32)
+    for hook in hooks:
+        hook.remove()
+    assert seen[0] == torch.bfloat16
+    assert losses and all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert "transformer.encoder.layers.0.linear1.weight" in moved
 
 
 def test_default_predictor_on_trained_weights(trained):

@@ -4,10 +4,11 @@ from .optimizer import (
     get_sparse_detr_param_groups,
     maybe_add_full_model_gradient_clipping,
 )
-from .trainer import Trainer
+from .trainer import CPUAMPTrainer, Trainer
 
 __all__ = [
     "Trainer",
+    "CPUAMPTrainer",
     "build_sparse_detr_optimizer",
     "get_sparse_detr_param_groups",
     "maybe_add_full_model_gradient_clipping",

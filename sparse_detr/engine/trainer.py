@@ -3,6 +3,7 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
@@ -14,7 +15,19 @@ from ..data import build_dataset_mapper
 from ..evaluation import DAMCorrelationEvaluator
 from .optimizer import build_sparse_detr_optimizer
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "CPUAMPTrainer"]
+
+
+class CPUAMPTrainer(SimpleTrainer):
+    """SimpleTrainer whose steps run under CPU autocast to bfloat16 (SOLVER.AMP.ENABLED with a CPU model;
+    Detectron2's AMPTrainer is CUDA-only). bfloat16 has float32's range, so no gradient scaler is
+    needed. The whole step is inside autocast: backward ops run in the dtypes their forward ops
+    chose whatever the autocast state, and the optimizer's and the clipping's ops have no autocast
+    rule; the model computes its matching and losses in float32 (`SparseDETR.forward`)."""
+
+    def run_step(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
 
 
 class Trainer(DefaultTrainer):
@@ -27,7 +40,8 @@ class Trainer(DefaultTrainer):
     * checkpoints load through `SparseDETRCheckpointer` (clear errors for truncated, official-format
       or other models' checkpoints; strict when resuming);
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
-      for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it.
+      for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it;
+    * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on CPU.
     """
 
     def __init__(self, cfg):
@@ -44,7 +58,10 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(
             model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
         )
-        trainer_type = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        if cfg.SOLVER.AMP.ENABLED:  # float16 + GradScaler on CUDA, bfloat16 on CPU
+            trainer_type = CPUAMPTrainer if on_cpu else AMPTrainer
+        else:
+            trainer_type = SimpleTrainer
         self._trainer = trainer_type(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

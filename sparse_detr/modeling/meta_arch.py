@@ -19,7 +19,7 @@ from .dam import check_dam_convention
 from .matcher import HungarianMatcher
 from .token_scoring import get_token_scorer_class
 from .transformer import SparseDeformableTransformer
-from .utils import MLP, GroupNorm, box_from_delta, level_masks
+from .utils import MLP, GroupNorm, box_from_delta, level_masks, to_float32
 
 __all__ = ["SparseDETR", "validate_sparse_detr_config", "check_ground_truth"]
 
@@ -336,7 +336,9 @@ class SparseDETR(nn.Module):
         if self.training:
             out = self.run(images, rho, with_enc_aux=True)
             targets = self.prepare_targets(batched_inputs, images)
-            losses = self.losses(out, targets)
+            # Under autocast (SOLVER.AMP.ENABLED) the matching and the losses still run in float32.
+            with torch.autocast(images.tensor.device.type, enabled=False):
+                losses = self.losses(to_float32(out), targets)
             return {k: v * self.weight_dict[k] for k, v in losses.items()}
         out = self.run(images, rho, with_enc_aux=self.enc_aux_heads_at_inference)
         results = self.postprocess(out, images, batched_inputs)

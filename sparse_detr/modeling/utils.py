@@ -1,12 +1,13 @@
-"""Geometry of the flattened multi-scale token sequence: masks, valid ratios, reference points, anchors."""
-from typing import List, Sequence, Tuple
+"""Geometry of the flattened multi-scale token sequence: masks, valid ratios, reference points, anchors;
+small tensor helpers of the model."""
+from typing import Any, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["inverse_sigmoid", "box_from_delta", "MLP", "GroupNorm", "level_masks", "valid_ratio",
-           "encoder_reference_points", "encoder_anchors"]
+           "encoder_reference_points", "encoder_anchors", "to_float32"]
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -127,3 +128,15 @@ def box_from_delta(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     if ref.shape[-1] == 2:
         return torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1).sigmoid()
     return (delta + ref).sigmoid()
+
+
+def to_float32(obj: Any) -> Any:
+    """`obj` (nested dicts, lists and tuples of tensors) with every reduced-precision floating tensor
+    (float16, bfloat16: autocast outputs) converted to float32; everything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() and obj.element_size() < 4 else obj
+    if isinstance(obj, dict):
+        return {k: to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_float32(v) for v in obj)
+    return obj
