@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from detectron2.modeling import build_model
 
 from utils import tiny_cfg
@@ -114,3 +115,23 @@ def test_main_writes_outputs(bm, tmp_path, monkeypatch):
     assert "load average" in report and "| 0.1 |" in report
     assert len(json.loads((tmp_path / "benchmark.json").read_text())["rows"]) == 2
     assert (tmp_path / "benchmark.png").exists()
+
+
+def test_amp_latency_runs_in_bfloat16_on_cpu(bm):
+    model = build_model(bm.config_for_rho(tiny_cfg(), 0.2)).eval()
+    dtypes = []
+    model.transformer.encoder.layers[0].linear1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    (r,) = bm.measure_latency([model], bm.random_batch(1, (64, 96)), warmup=1, iters=5, amp=True)
+    assert len(r["times_s"]) == 5 and set(dtypes) == {bm.autocast_dtype(model.device)} == {torch.bfloat16}
+
+
+def test_official_count_adds_the_decoder_auxiliary_heads(bm):
+    """Inference computes the class and box heads of the last decoder layer only; the official code runs
+    them on every layer."""
+    cfg = bm.config_for_rho(tiny_cfg(), 0.2)
+    model = build_model(cfg).eval()
+    sd = cfg.MODEL.SPARSE_DETR
+    ours, official = (bm.count_flops(model, (64, 96), official=o)["flops"] for o in (False, True))
+    d, q = sd.HIDDEN_DIM, sd.NUM_QUERIES
+    per_layer = q * (d * sd.NUM_CLASSES + 2 * d * d + d * 4)  # class head + 3-layer box MLP
+    assert official - ours == (sd.DEC_LAYERS - 1) * per_layer

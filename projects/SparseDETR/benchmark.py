@@ -53,7 +53,7 @@ import sparse_detr
 from sparse_detr import add_sparse_detr_config
 
 __all__ = ["config_for_rho", "paper_row", "count_parameters", "count_flops", "random_batch", "measure_latency",
-           "cache_freed_memory", "profile_forward", "run_benchmark", "markdown_table", "plot_results", "main"]
+           "autocast_dtype", "cache_freed_memory", "profile_forward", "run_benchmark", "markdown_table", "plot_results", "main"]
 
 FLOPS_IMAGE = (850, 1040)  # the official benchmark image ("found heuristically" to approximate COCO val)
 STAGES = ("backbone", "input_proj", "scoring", "encoder", "decoder", "heads")
@@ -268,11 +268,17 @@ def _peak(device: torch.device) -> int:
     return _rss_kib("VmHWM") * 1024
 
 
-def measure_latency(models: Sequence[nn.Module], inputs: List[Dict], warmup: int = 1, iters: int = 5
-                    ) -> List[Dict[str, float]]:
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The reduced precision of `--amp`: bfloat16 on CPU (native on AVX512-BF16/AMX CPUs), float16 on CUDA."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def measure_latency(models: Sequence[nn.Module], inputs: List[Dict], warmup: int = 1, iters: int = 5,
+                    amp: bool = False) -> List[Dict[str, float]]:
     """Time inference forwards of `inputs` through each of `models`, interleaved: after `warmup`
     forwards of each model, `iters` rounds that run every model once, so that a machine load that
-    changes during the run weighs on all models alike.
+    changes during the run weighs on all models alike. With `amp`, forwards run under autocast to
+    `autocast_dtype(device)`.
 
     Returns per model: "latency_s" (median wall time), "min_s", "times_s" (all), "fps" (images per
     second at the median), "cpu_s" (median CPU time of the process per forward, all threads, kernel
@@ -284,7 +290,7 @@ def measure_latency(models: Sequence[nn.Module], inputs: List[Dict], warmup: int
     device = models[0].device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     stats = [{"times_s": [], "cpu_times_s": []} for _ in models]
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
         for st, model in zip(stats, models):
             base = _reset_peak(device)
             for _ in range(warmup):
@@ -410,7 +416,7 @@ def _build(cfg, channels_last: bool) -> nn.Module:
 def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,), image_size=(800, 1216),
                   flops_image_size=FLOPS_IMAGE, warmup: int = 1, iters: int = 5, flops: bool = True,
                   latency: bool = True, as_official: bool = False, channels_last: bool = False,
-                  profile_dir: Optional[str] = None, log=print) -> List[Dict]:
+                  amp: bool = False, profile_dir: Optional[str] = None, log=print) -> List[Dict]:
     """One row per rho (see the module docstring); the device is cfg.MODEL.DEVICE. All models are
     built first and timed interleaved (see `measure_latency`). With `profile_dir`, one profiled forward
     per rho at the first batch size is written to profile_rho<rho>.txt there."""
@@ -427,7 +433,7 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
         rows.append(row)
         models.append(model)
     for b in batch_sizes if latency else ():
-        for row, r in zip(rows, measure_latency(models, random_batch(b, image_size), warmup, iters)):
+        for row, r in zip(rows, measure_latency(models, random_batch(b, image_size), warmup, iters, amp)):
             row.setdefault("latency", {})[b] = r
             log(f"rho={row['rho']} batch {b}: median {r['latency_s'] * 1e3:.0f} ms "
                 f"({', '.join(f'{t * 1e3:.0f}' for t in r['times_s'])}), CPU time {r['cpu_s']:.2f} s, "
@@ -567,6 +573,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per model (at least 1)")
     p.add_argument("--iters", type=int, default=5, help="timed forwards (median reported; at least 5)")
     p.add_argument("--channels-last", action="store_true", help="convert the model to channels_last")
+    p.add_argument("--amp", action="store_true",
+                   help="time the forwards under autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--cache-freed-memory", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) instead of faulting it back in")
     p.add_argument("--as-official", action="store_true",
@@ -601,7 +609,8 @@ def main(argv=None) -> List[Dict]:
     print(env_before, flush=True)
     rows = run_benchmark(cfg, args.rho, args.batch_size, args.image, args.flops_image, args.warmup, args.iters,
                          flops=not args.skip_flops, latency=not args.skip_latency, as_official=args.as_official,
-                         channels_last=args.channels_last, profile_dir=args.output_dir if args.profile else None,
+                         channels_last=args.channels_last, amp=args.amp,
+                         profile_dir=args.output_dir if args.profile else None,
                          log=lambda s: print(s, flush=True))
     table = markdown_table(rows, cpu=args.device == "cpu")
     notes = [f"`{command}`", "",
@@ -609,6 +618,7 @@ def main(argv=None) -> List[Dict]:
              f"; GFLOPs: fvcore, one {args.flops_image[0]}x{args.flops_image[1]} image; latency: median of "
              f"{args.iters} after {args.warmup} warm-up, {args.image[0]}x{args.image[1]} images, "
              f"{'channels_last, ' if args.channels_last else ''}"
+             f"{f'autocast {autocast_dtype(torch.device(args.device))}, ' if args.amp else ''}"
              f"{'freed memory cached (mallopt), ' if args.cache_freed_memory else ''}{args.device}; "
              "models timed in turn; CPU time: process CPU time per forward (all threads); peak memory: "
              "during the warm-up, above the loaded models.",
