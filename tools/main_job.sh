@@ -7,8 +7,9 @@
 # 1. sets up the environment (tools/setup.sh, idempotent);
 # 2. prepares the DeepForest tiles as COCO json train/val splits under datasets/deepforest (idempotent;
 #    the split is geographic, see sparse_detr/data/datasets/deepforest.py);
-# 3. trains with projects/SparseDETR/train_net.py (progress every 20 iterations) and evaluates the
-#    validation split with COCOEvaluator;
+# 3. trains with projects/SparseDETR/train_net.py (progress every 20 iterations, a checkpoint every
+#    SOLVER.CHECKPOINT_PERIOD; an interrupted run is resumed from its last checkpoint when the command
+#    is run again) and evaluates the validation split with COCOEvaluator;
 # 4. draws detections and the scoring network's token selection on every validation tile;
 # 5. prints AP, AP50 and the wall time of training + evaluation.
 # Everything goes to output/main_job/<config name>/.
@@ -25,10 +26,17 @@ export PYTHONWARNINGS="ignore::FutureWarning"  # torch.jit.script deprecation pr
 bash tools/setup.sh
 "$PY" -m sparse_detr.data.datasets
 
+# An interrupted run (a checkpoint that is not the final model) is resumed; otherwise start afresh.
+resume=()
+if [[ -f "$OUT/last_checkpoint" && "$(cat "$OUT/last_checkpoint")" != "model_final.pth" ]]; then
+    echo "[main_job] resuming the interrupted run in $OUT from $(cat "$OUT/last_checkpoint")"
+    resume=(--resume)
+else
+    rm -rf "$OUT"
+fi
 echo "[main_job] training $CONFIG on $(nproc) CPU cores -> $OUT"
-rm -rf "$OUT"
 start=$(date +%s)
-"$PY" projects/SparseDETR/train_net.py --config-file "$CONFIG" OUTPUT_DIR "$OUT" "$@"
+"$PY" projects/SparseDETR/train_net.py --config-file "$CONFIG" "${resume[@]}" OUTPUT_DIR "$OUT" "$@"
 wall=$(( $(date +%s) - start ))
 
 echo "[main_job] drawing detections and token selections on the validation tiles -> $OUT/pictures"
