@@ -81,6 +81,10 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_CROP_PRE_SIZES = [400, 500, 600]
     cfg.INPUT.DETR_CROP_SIZE = [384, 600]
     cfg.INPUT.DETR_CROP_PROB = 0.5  # probability of the crop branch (official 0.5; 0 never crops)
+    # Extras for overhead imagery (off officially): rotations by multiples of 90 degrees, colour jitter
+    # strength (0 = off). INPUT.RANDOM_FLIP also takes "both" (horizontal and vertical flips).
+    cfg.INPUT.DETR_ROTATE_90 = False
+    cfg.INPUT.DETR_COLOR_JITTER = 0.0
 
     # Official optimisation recipe.
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -185,3 +185,35 @@ def test_prepare_and_register_deepforest(tmp_path):
         for a in d["annotations"]:
             x, y, w, h = a["bbox"]
             assert w > 0 and h > 0 and x + w <= d["width"] and y + h <= d["height"]
+
+
+def test_random_flip_both_and_bad_value():
+    kinds = [type(a).__name__ for a in build_detr_train_augmentation(_cfg(RANDOM_FLIP="both"))]
+    assert kinds[:2] == ["RandomFlip", "RandomFlip"]
+    with pytest.raises(ValueError, match="INPUT.RANDOM_FLIP='diagonal'; allowed: horizontal, vertical, both, none"):
+        build_detr_train_augmentation(_cfg(RANDOM_FLIP="diagonal"))
+    with pytest.raises(ValueError, match="INPUT.DETR_COLOR_JITTER"):
+        build_detr_train_augmentation(_cfg(DETR_COLOR_JITTER=1.0))
+
+
+def test_rotate_90_and_colour_jitter_keep_boxes_on_their_pixels(tmp_path):
+    """Through the mapper, with every orientation: each box still frames its white rectangle."""
+    cfg = _cfg(DETR_RESIZE_MIN_SIZES=[90], DETR_RESIZE_MAX_SIZE=1000, DETR_CROP_PROB=0.0, RANDOM_FLIP="both",
+               DETR_ROTATE_90=True, DETR_COLOR_JITTER=0.2)
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    image = np.zeros((90, 120, 3), np.uint8)
+    image[10:30, 10:40] = 255  # the first annotation's box (XYXY 10, 10, 40, 30)
+    path = str(tmp_path / "r.png")
+    Image.fromarray(image).save(path)
+    record = {"file_name": path, "image_id": 0, "width": 120, "height": 90,
+              "annotations": [{"bbox": [10, 10, 40, 30], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}]}
+    np.random.seed(0)
+    shapes = set()
+    for _ in range(24):
+        out = mapper(dict(record))
+        img = out["image"].float().mean(0)
+        ys, xs = torch.nonzero(img > img.max() / 2, as_tuple=True)
+        found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        torch.testing.assert_close(out["instances"].gt_boxes.tensor[0], found, atol=1.0, rtol=0)
+        shapes.add(tuple(out["image"].shape[1:]))
+    assert shapes == {(90, 120), (120, 90)}  # rotated by 90 degrees some of the time

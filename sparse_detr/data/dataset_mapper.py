@@ -52,7 +52,11 @@ class DetrDatasetMapper(DatasetMapper):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        ret = super().from_config(cfg, is_train)
+        # Detectron2's own augmentation list is replaced; its flip would reject RANDOM_FLIP "both".
+        base = cfg.clone()
+        base.defrost()
+        base.INPUT.RANDOM_FLIP = "none"
+        ret = super().from_config(base, is_train)
         if is_train:
             ret["augmentations"] = build_detr_train_augmentation(cfg)
         return ret
