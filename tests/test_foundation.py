@@ -14,6 +14,18 @@ def test_import_registers_meta_arch():
     assert META_ARCH_REGISTRY.get("SparseDETR") is not None
 
 
+def test_import_alone_registers_datasets_and_weights_path():
+    """In a fresh interpreter, `import sparse_detr` is all a user needs for the project's datasets and
+    the `imgsim://` weights."""
+    code = ("import sparse_detr\n"
+            "from detectron2.data import DatasetCatalog\n"
+            "from detectron2.utils.file_io import PathManager\n"
+            "print({'deepforest_trees_train', 'deepforest_trees_val'} <= set(DatasetCatalog.list()),\n"
+            "      'imgsim://' in PathManager._path_handlers)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
 def test_add_config_adds_keys_and_is_idempotent():
     cfg = get_cfg()
     assert "SPARSE_DETR" not in cfg.MODEL
