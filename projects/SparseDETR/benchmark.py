@@ -368,15 +368,16 @@ def _labelled_stages(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def profile_forward(model: nn.Module, inputs: List[Dict], top: int = 20) -> Tuple[str, List[Dict]]:
-    """Profile one inference forward (after one warm-up) with torch.profiler.
+def profile_forward(model: nn.Module, inputs: List[Dict], top: int = 20, amp: bool = False
+                    ) -> Tuple[str, List[Dict]]:
+    """Profile one inference forward (after one warm-up) with torch.profiler (under autocast with `amp`).
 
     Returns a text report (stage times, then the `top` operators by self time: CPU time on CPU, GPU
     time on CUDA) and the rows of both ({"kind", "name", "total_ms" or "self_ms", "percent"}).
     """
     cuda = model.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=autocast_dtype(model.device), enabled=amp):
         model(inputs)
         with _labelled_stages(model), torch.profiler.profile(activities=activities) as prof:
             model(inputs)
@@ -440,7 +441,7 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
                 f"peak +{r['peak_mem_mib']:.0f} MiB")
     if profile_dir is not None:
         for row, model in zip(rows, models):
-            text, row["profile"] = profile_forward(model, random_batch(batch_sizes[0], image_size))
+            text, row["profile"] = profile_forward(model, random_batch(batch_sizes[0], image_size), amp=amp)
             with open(os.path.join(profile_dir, f"profile_rho{row['rho']}.txt"), "w") as f:
                 f.write(text + "\n")
     del models
