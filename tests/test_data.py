@@ -64,7 +64,8 @@ def test_random_select_uses_both_branches():
     assert "RandomSelect" in repr(aug)
 
 
-@pytest.mark.parametrize("crop_prob, expected", [(0.0, {"ResizeTransform"}), (1.0, {"ResizeTransform", "CropTransform"})])
+@pytest.mark.parametrize("crop_prob, expected",
+                         [(0.0, {"ResizeTransform"}), (1.0, {"ResizeTransform", "CropTransform"})])
 def test_detr_crop_prob_selects_the_branch(crop_prob, expected):
     cfg = _cfg(DETR_RESIZE_MIN_SIZES=[64], DETR_RESIZE_MAX_SIZE=160, DETR_CROP_PRE_SIZES=[80],
                DETR_CROP_SIZE=[40, 60], DETR_CROP_PROB=crop_prob, RANDOM_FLIP="none")

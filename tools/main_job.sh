@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: Sparse DETR on real aerial photographs of tree crowns (DeepForest), on CPU.
 #
-#   bash tools/main_job.sh                       # Sparse DETR, rho 0.1 (configs/DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml)
+#   bash tools/main_job.sh                       # Sparse DETR, rho 0.1 (DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml)
 #   bash tools/main_job.sh CONFIG [KEY VALUE..]  # another config (e.g. the dense baseline), optional overrides
 #
 # 1. sets up the environment (tools/setup.sh, idempotent);
@@ -12,7 +12,7 @@
 #    is run again) and evaluates the validation split with COCOEvaluator;
 # 4. draws detections and the scoring network's token selection on every validation tile;
 # 5. prints AP, AP50 and the wall time of training + evaluation.
-# Everything goes to output/main_job/<config name>/.
+# Everything goes to output/main_job/<config name>/ (or to an OUTPUT_DIR given among the overrides).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,6 +20,10 @@ CONFIG="${1:-configs/DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml}"
 shift $(( $# > 0 ? 1 : 0 ))
 NAME="$(basename "$CONFIG" .yaml)"
 OUT="output/main_job/$NAME"
+overrides=("$@")
+for (( i = 0; i + 1 < ${#overrides[@]}; i += 2 )); do  # an OUTPUT_DIR override moves everything there
+    [[ "${overrides[i]}" == OUTPUT_DIR ]] && OUT="${overrides[i + 1]}"
+done
 PY="$ROOT/.venv/bin/python"
 export PYTHONWARNINGS="ignore::FutureWarning"  # torch.jit.script deprecation printed by fvcore at import
 
@@ -36,16 +40,17 @@ else
 fi
 echo "[main_job] training $CONFIG on $(nproc) CPU cores -> $OUT"
 start=$(date +%s)
-"$PY" projects/SparseDETR/train_net.py --config-file "$CONFIG" "${resume[@]}" OUTPUT_DIR "$OUT" "$@"
+"$PY" projects/SparseDETR/train_net.py --config-file "$CONFIG" "${resume[@]}" "$@" OUTPUT_DIR "$OUT"
 wall=$(( $(date +%s) - start ))
 
 echo "[main_job] drawing detections and token selections on the validation tiles -> $OUT/pictures"
-show_tokens=$("$PY" - "$CONFIG" <<'PY'
+show_tokens=$("$PY" - "$CONFIG" "$@" <<'PY'
 import sys
 from detectron2.config import get_cfg
 from sparse_detr import add_sparse_detr_config
 cfg = add_sparse_detr_config(get_cfg())
 cfg.merge_from_file(sys.argv[1])
+cfg.merge_from_list(sys.argv[2:])
 print("--show-tokens" if cfg.MODEL.SPARSE_DETR.RHO > 0 else "")
 PY
 )

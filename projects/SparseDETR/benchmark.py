@@ -53,7 +53,8 @@ import sparse_detr
 from sparse_detr import add_sparse_detr_config
 
 __all__ = ["config_for_rho", "paper_row", "count_parameters", "count_flops", "random_batch", "measure_latency",
-           "autocast_dtype", "cache_freed_memory", "profile_forward", "run_benchmark", "markdown_table", "plot_results", "main"]
+           "autocast_dtype", "cache_freed_memory", "profile_forward", "run_benchmark", "markdown_table",
+           "plot_results", "main"]
 
 FLOPS_IMAGE = (850, 1040)  # the official benchmark image ("found heuristically" to approximate COCO val)
 STAGES = ("backbone", "input_proj", "scoring", "encoder", "decoder", "heads")

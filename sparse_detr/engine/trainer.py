@@ -91,6 +91,7 @@ class Trainer(DefaultTrainer):
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         evaluator = COCOEvaluator(dataset_name, output_dir=output_folder)
-        if cfg.MODEL.SPARSE_DETR.TEST_DAM_CORRELATION:  # the paper's DAM correlation (projects/SparseDETR/README.md, "The paper's analyses")
+        # the paper's DAM correlation (projects/SparseDETR/README.md, "The paper's analyses")
+        if cfg.MODEL.SPARSE_DETR.TEST_DAM_CORRELATION:
             return DatasetEvaluators([evaluator, DAMCorrelationEvaluator()])
         return evaluator
