@@ -20,7 +20,9 @@ config is two-stage with box refinement). Models have random weights. For each r
   size through the model's normal inference forward, under torch.inference_mode(), the models timed
   in turn (round-robin) so that a changing machine load weighs on all alike; CPU with --threads
   threads (the process CPU time per forward too), CUDA with torch.cuda.synchronize() around every
-  forward;
+  forward; the backbone's frozen batch norms folded into its convolutions (--no-fold-batchnorm keeps
+  them) and, on CPU, float32 linears through oneDNN (MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR, default on;
+  pass `MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR False` to time PyTorch's MKL path);
 * peak memory during the warm-up forwards over the process with the models loaded: peak RSS (VmHWM,
   reset through /proc/self/clear_refs) on CPU, torch.cuda.max_memory_allocated on CUDA.
 
@@ -51,6 +53,7 @@ from torch import nn
 
 import sparse_detr
 from sparse_detr import add_sparse_detr_config
+from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
 
 __all__ = ["config_for_rho", "paper_row", "count_parameters", "count_flops", "random_batch", "measure_latency",
            "autocast_dtype", "cache_freed_memory", "profile_forward", "run_benchmark", "markdown_table",
@@ -418,10 +421,13 @@ def _build(cfg, channels_last: bool) -> nn.Module:
 def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,), image_size=(800, 1216),
                   flops_image_size=FLOPS_IMAGE, warmup: int = 1, iters: int = 5, flops: bool = True,
                   latency: bool = True, as_official: bool = False, channels_last: bool = False,
-                  amp: bool = False, profile_dir: Optional[str] = None, log=print) -> List[Dict]:
+                  amp: bool = False, fold_batchnorm: bool = True, profile_dir: Optional[str] = None,
+                  log=print) -> List[Dict]:
     """One row per rho (see the module docstring); the device is cfg.MODEL.DEVICE. All models are
-    built first and timed interleaved (see `measure_latency`). With `profile_dir`, one profiled forward
-    per rho at the first batch size is written to profile_rho<rho>.txt there."""
+    built first and timed interleaved (see `measure_latency`). With `fold_batchnorm`, the backbone's
+    frozen batch norms are folded into its convolutions after the FLOP count (which counts the
+    architecture as built). With `profile_dir`, one profiled forward per rho at the first batch size
+    is written to profile_rho<rho>.txt there."""
     rows, models = [], []
     for rho in rhos:
         rcfg = config_for_rho(cfg, rho, as_official)
@@ -432,6 +438,8 @@ def run_benchmark(cfg, rhos: Sequence[float], batch_sizes: Sequence[int] = (1,),
             start = time.perf_counter()
             row.update(count_flops(model, flops_image_size, official=as_official))
             log(f"rho={rho}: {row['flops'] / 1e9:.2f} GFLOPs ({time.perf_counter() - start:.0f} s to count)")
+        if fold_batchnorm:
+            fold_frozen_batchnorm(model)
         rows.append(row)
         models.append(model)
     for b in batch_sizes if latency else ():
@@ -577,6 +585,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="convert the model to channels_last")
     p.add_argument("--amp", action="store_true",
                    help="time the forwards under autocast (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="keep the backbone's frozen batch norms as separate layers (default: folded into the convolutions)")
     p.add_argument("--cache-freed-memory", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) instead of faulting it back in")
     p.add_argument("--as-official", action="store_true",
@@ -612,7 +622,7 @@ def main(argv=None) -> List[Dict]:
     rows = run_benchmark(cfg, args.rho, args.batch_size, args.image, args.flops_image, args.warmup, args.iters,
                          flops=not args.skip_flops, latency=not args.skip_latency, as_official=args.as_official,
                          channels_last=args.channels_last, amp=args.amp,
-                         profile_dir=args.output_dir if args.profile else None,
+                         fold_batchnorm=not args.no_fold_batchnorm, profile_dir=args.output_dir if args.profile else None,
                          log=lambda s: print(s, flush=True))
     table = markdown_table(rows, cpu=args.device == "cpu")
     notes = [f"`{command}`", "",
@@ -620,6 +630,8 @@ def main(argv=None) -> List[Dict]:
              f"; GFLOPs: fvcore, one {args.flops_image[0]}x{args.flops_image[1]} image; latency: median of "
              f"{args.iters} after {args.warmup} warm-up, {args.image[0]}x{args.image[1]} images, "
              f"{'channels_last, ' if args.channels_last else ''}"
+             f"{'' if args.no_fold_batchnorm else 'batch norms folded, '}"
+             f"{'oneDNN linears, ' if cfg.MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR and args.device == 'cpu' else ''}"
              f"{f'autocast {autocast_dtype(torch.device(args.device))}, ' if args.amp else ''}"
              f"{'freed memory cached (mallopt), ' if args.cache_freed_memory else ''}{args.device}; "
              "models timed in turn; CPU time: process CPU time per forward (all threads); peak memory: "

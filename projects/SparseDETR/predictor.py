@@ -14,6 +14,8 @@ from detectron2.structures import ImageList
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from matplotlib import colormaps
 
+from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
+
 __all__ = ["TokenSelectionPredictor", "token_maps", "draw_detections", "draw_token_heatmaps", "draw_token_overlay"]
 
 
@@ -45,7 +47,12 @@ def token_maps(out: Dict, images: ImageList, index: int = 0) -> List[Dict[str, n
 
 class TokenSelectionPredictor(DefaultPredictor):
     """DefaultPredictor whose call returns `(predictions, token_maps or None)` for one BGR image;
-    None for dense models (rho = 0 at inference: no scoring network, every token is kept)."""
+    None for dense models (rho = 0 at inference: no scoring network, every token is kept). The model is
+    for inference only, so the backbone's frozen batch norms are folded into its convolutions."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        fold_frozen_batchnorm(self.model)
 
     def __call__(self, original_image: np.ndarray) -> Tuple[Dict, Optional[List[Dict[str, np.ndarray]]]]:
         with torch.no_grad():

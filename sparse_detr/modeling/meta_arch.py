@@ -13,6 +13,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..layers.onednn_linear import use_onednn_linears
 from ..layers.position_encoding import PositionEmbeddingSine
 from .criterion import SetCriterion, build_weight_dict
 from .dam import check_dam_convention
@@ -93,7 +94,8 @@ class SparseDETR(nn.Module):
                  criterion: SetCriterion, weight_dict: Dict[str, float], num_classes: int, num_queries: int,
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
-                 pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False):
+                 pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False,
+                 cpu_onednn_linear: bool = False):
         """
         Args:
             backbone: gives `in_features` (strides increasing). transformer: see SparseDeformableTransformer.
@@ -105,6 +107,8 @@ class SparseDETR(nn.Module):
             pixel_mean, pixel_std: of the input images, in their units (cfg.MODEL.PIXEL_MEAN/STD).
             test_dam_correlation: in inference with rho > 0, add "dam_correlation" (name -> float, see
                 `TokenScorer.dam_correlation`) to every image's output dict.
+            cpu_onednn_linear: make every `nn.Linear` (backbone included) a `OneDNNLinear`, faster in
+                CPU float32 inference and identical elsewhere.
         """
         super().__init__()
         self.backbone = backbone
@@ -157,6 +161,8 @@ class SparseDETR(nn.Module):
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+        if cpu_onednn_linear:
+            use_onednn_linears(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -184,6 +190,7 @@ class SparseDETR(nn.Module):
             "enc_aux_heads_at_inference": sd.ENC_AUX_HEADS_AT_INFERENCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE, "test_dam_correlation": sd.TEST_DAM_CORRELATION,
+            "cpu_onednn_linear": sd.CPU_ONEDNN_LINEAR,
         }
 
     @property

@@ -1,0 +1,95 @@
+"""CPU inference speed-ups: oneDNN linears (sparse_detr.layers.onednn_linear) and frozen batch norms
+folded into convolutions (sparse_detr.layers.fold_batchnorm). Both must leave the outputs unchanged."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from torch import nn
+
+from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
+from sparse_detr.layers.onednn_linear import OneDNNLinear, onednn_linear_available, use_onednn_linears
+from utils import make_inputs, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="PyTorch built without oneDNN's linear")
+
+
+def _ops(fn):
+    """Names of the operators `fn()` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,bias", [((37, 24), True), ((2, 5, 24), False), ((1, 3, 4, 24), True)])
+def test_onednn_linear_matches_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias)
+    assert use_onednn_linears(layer) == 1 and isinstance(layer, OneDNNLinear)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = layer(x)
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: layer(x))
+    assert out.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_linear_falls_back_where_it_must():
+    """Autograd on, autocast, float64 and tracing all take nn.Linear's own path."""
+    layer = nn.Linear(8, 4)
+    use_onednn_linears(layer)
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()  # autograd: gradients reach the weight
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: layer.double()(x.double()))
+        traced = torch.jit.trace(layer.float(), x)
+    assert "aten::linear" in str(traced.graph) and "mkldnn" not in str(traced.graph)
+
+
+@needs_onednn
+def test_model_uses_onednn_linears_with_unchanged_outputs():
+    """CPU_ONEDNN_LINEAR converts every linear layer, keeps the state dict, and the inference outputs."""
+    cfgs = [tiny_cfg(CPU_ONEDNN_LINEAR=flag) for flag in (True, False)]
+    torch.manual_seed(0)
+    fast = build_model(cfgs[0]).eval()
+    plain = build_model(cfgs[1]).eval()
+    with torch.no_grad():  # non-zero box heads, so that the boxes depend on every layer
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert plain.load_state_dict(fast.state_dict()).missing_keys == []
+    fast_modules = dict(fast.named_modules())
+    linears = [name for name, m in plain.named_modules() if type(m) is nn.Linear]
+    assert linears and all(type(fast_modules[name]) is OneDNNLinear for name in linears)
+    assert not any(type(m) is OneDNNLinear for m in plain.modules())
+    inputs = make_inputs(((64, 96), (80, 64)))
+    with torch.inference_mode():
+        got, want = fast.forward_raw(inputs), plain.forward_raw(inputs)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+def test_fold_frozen_batchnorm_keeps_backbone_outputs():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    for m in model.modules():  # non-trivial statistics, as in a pretrained backbone
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.2)
+    norms = sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
+    images = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        want = model.backbone(images)
+        assert fold_frozen_batchnorm(model) == norms > 0
+        got = model.backbone(images)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
