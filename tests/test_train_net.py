@@ -71,6 +71,25 @@ def test_optimizer_is_adamw_with_full_model_clipping():
     assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == cfg.SOLVER.MOMENTUM
 
 
+def test_adamw_is_fused_on_cpu_and_steps_like_the_plain_loop():
+    models, optimizers = [], []
+    for device in ("cpu", "cuda"):  # the CUDA config builds the plain AdamW (parameters stay on CPU)
+        cfg = _cfg()
+        cfg.MODEL.DEVICE = device
+        torch.manual_seed(0)
+        models.append(_ToyDetector())
+        optimizers.append(build_sparse_detr_optimizer(cfg, models[-1]))
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    for step in range(3):
+        for model, optimizer in zip(models, optimizers):
+            torch.manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) if p.requires_grad else None
+            optimizer.step()
+    for fused, plain in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(fused, plain)
+
+
 # ---------------------------------------------------------------------------------------------------
 # train_net.py end to end on the tiny model and a registered synthetic dataset.
 import glob  # noqa: E402
