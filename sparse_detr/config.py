@@ -62,7 +62,7 @@ def add_sparse_detr_config(cfg):
     # Run the encoder auxiliary heads at inference too (the official code does; costs FLOPs).
     sd.ENC_AUX_HEADS_AT_INFERENCE = False
     # Run the model's float32 linear layers through oneDNN in CPU inference (sparse_detr.layers.onednn_linear:
-    # 1.4-3x faster than PyTorch's MKL path on AMD CPUs; same parameters; training is unaffected).
+    # about 2x faster than PyTorch's MKL path on AMD CPUs; same parameters; training is unaffected).
     sd.CPU_ONEDNN_LINEAR = True
 
     # Swin-T backbone (build_sparse_detr_swin_backbone).

@@ -1,9 +1,9 @@
 """Linear layers that run through oneDNN in CPU inference.
 
 PyTorch computes a float32 `nn.Linear` on CPU with MKL's sgemm. On the AMD EPYC (AVX-512) machines of
-this project, oneDNN (the library behind PyTorch's CPU convolutions) is 1.4-3x faster for Sparse DETR's
-shapes, 2 threads: all-token projection 20000x256 -> 256 40 -> 16 ms, FFN 2000x256 -> 1024 22 -> 7 ms,
-300x256 -> 256 0.60 -> 0.12 ms (`python projects/SparseDETR/benchmark_linear.py`). PyTorch routes
+this project, oneDNN (the library behind PyTorch's CPU convolutions) is about 2x faster for Sparse DETR's
+shapes, 2 threads: all-token projection 20197x256 -> 256 13.5 -> 6.3 ms, FFN 2020x256 -> 1024 5.0 -> 2.4 ms,
+300x256 -> 256 0.19 -> 0.11 ms (`python projects/SparseDETR/benchmark_linear.py`). PyTorch routes
 only bfloat16/float16 linears to oneDNN on x86, so this module calls oneDNN's linear op itself.
 
 `OneDNNLinear` is an `nn.Linear` (same parameters, same state dict) that takes the oneDNN path only
