@@ -83,7 +83,7 @@ def build_sparse_detr_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Opti
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
         # On CPU the fused AdamW step is 2.6x faster than the default per-parameter loop (20 vs 54 ms per
-        # step for the main job's 34 M trainable parameters on 2 threads: about 6 % of a training step).
+        # step for the main job's 34 M trainable parameters on 2 threads, whose steps take about 0.55 s).
         # Not on CUDA, where GradScaler would hand a fused step still-scaled gradients to clip.
         optimizer_type, kwargs = torch.optim.AdamW, {"fused": True} if cfg.MODEL.DEVICE == "cpu" else {}
     elif name == "SGD":
