@@ -8,6 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from sparse_detr.layers.onednn_linear import OneDNNLinear, onednn_linear_available
 from sparse_detr.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
 from sparse_detr.modeling.dam import dam_coverage, decoder_attention_map, topk_token_target
 from sparse_detr.modeling import SparseDETR
@@ -451,3 +452,5 @@ def test_build_from_python_arguments():
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
     losses = _train_losses(model, make_inputs([(64, 96)]))
     assert set(losses) == _expected_loss_keys()
+    # same default as MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR where oneDNN's linear exists
+    assert isinstance(model.transformer.encoder.layers[0].linear1, OneDNNLinear) == onednn_linear_available()

@@ -95,7 +95,7 @@ class SparseDETR(nn.Module):
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False,
-                 cpu_onednn_linear: bool = False):
+                 cpu_onednn_linear: bool = True):
         """
         Args:
             backbone: gives `in_features` (strides increasing). transformer: see SparseDeformableTransformer.
