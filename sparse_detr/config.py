@@ -59,6 +59,13 @@ def add_sparse_detr_config(cfg):
     sd.SET_COST_CLASS = 2.0
     sd.SET_COST_BBOX = 5.0
     sd.SET_COST_GIOU = 2.0
+    # One-to-many training queries (hybrid matching; not in the paper, off by default; see
+    # sparse_detr/modeling/one_to_many.py): this many extra two-stage queries in training, matched to the
+    # ground truth repeated ONE_TO_MANY_REPEATS times, their losses weighted by ONE_TO_MANY_LOSS_WEIGHT.
+    # Inference is unchanged (NUM_QUERIES queries).
+    sd.ONE_TO_MANY_QUERIES = 0
+    sd.ONE_TO_MANY_REPEATS = 6
+    sd.ONE_TO_MANY_LOSS_WEIGHT = 1.0
     # Run the encoder auxiliary heads at inference too (the official code does; costs FLOPs).
     sd.ENC_AUX_HEADS_AT_INFERENCE = False
     # Run the model's float32 linear layers through oneDNN in CPU inference (sparse_detr.layers.onednn_linear:

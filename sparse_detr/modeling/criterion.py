@@ -7,13 +7,15 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-__all__ = ["SetCriterion", "build_weight_dict", "LOSS_NAMES"]
+__all__ = ["SetCriterion", "build_weight_dict", "LOSS_NAMES", "ONE_TO_MANY_SUFFIX"]
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+ONE_TO_MANY_SUFFIX = "_one2many"  # losses of the one-to-many query group (sparse_detr/modeling/one_to_many.py)
 
 
 def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: float,
-                      dec_layers: int, two_stage: bool, enc_aux_layers: int) -> Dict[str, float]:
+                      dec_layers: int, two_stage: bool, enc_aux_layers: int,
+                      one_to_many_weight: float = 0.0) -> Dict[str, float]:
     """The official loss weights for every loss the criterion and the scoring loss produce.
 
     Args:
@@ -21,15 +23,19 @@ def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: flo
             auxiliary ones; pass 1 when decoder auxiliary losses are off).
         two_stage: add the `_enc` (two-stage proposal) losses.
         enc_aux_layers: number of encoder auxiliary heads (suffixes `_enc_0 ..`); 0 when off.
+        one_to_many_weight: > 0 adds the decoder losses of the one-to-many query group (names with
+            ONE_TO_MANY_SUFFIX after the decoder suffix), each weighted by this factor times its own weight.
     Returns:
         {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou, "loss_ce_0": cls, ...,
         "loss_mask_prediction": mask_prediction}
     """
     base = dict(zip(LOSS_NAMES, (cls, bbox, giou)))
-    suffixes = [""] + [f"_{i}" for i in range(dec_layers - 1)]
-    suffixes += ["_enc"] if two_stage else []
-    suffixes += [f"_enc_{i}" for i in range(enc_aux_layers)]
+    decoder_suffixes = [""] + [f"_{i}" for i in range(dec_layers - 1)]
+    suffixes = decoder_suffixes + (["_enc"] if two_stage else []) + [f"_enc_{i}" for i in range(enc_aux_layers)]
     weights = {k + s: w for s in suffixes for k, w in base.items()}
+    if one_to_many_weight > 0:
+        weights.update({k + s + ONE_TO_MANY_SUFFIX: w * one_to_many_weight
+                        for s in decoder_suffixes for k, w in base.items()})
     weights["loss_mask_prediction"] = mask_prediction
     return weights
 

@@ -39,16 +39,18 @@ class DecoderLayer(nn.Module):
         return {"d_model": sd.HIDDEN_DIM, "d_ffn": sd.DIM_FEEDFORWARD, "dropout": sd.DROPOUT,
                 "n_levels": sd.NUM_FEATURE_LEVELS, "n_heads": sd.NHEADS, "n_points": sd.DEC_N_POINTS}
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask,
+                self_attn_mask=None):
         """
         Args:
             tgt, query_pos: (B, Q, C). reference_points: (B, Q, L, 2 or 4), already scaled by the valid
             ratios. memory: (B, N, C). spatial_shapes (L, 2), level_start_index (L,), padding_mask (B, N).
+            self_attn_mask: optional (Q, Q) bool, True where query i must not attend to query j.
         Returns:
             tgt (B, Q, C), sampling_locations (B, Q, M, L, P, 2), attention_weights (B, Q, M, L, P).
         """
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]))
         out, locations, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
                                                   level_start_index, padding_mask, return_sampling=True)
         tgt = self.norm1(tgt + self.dropout1(out))
@@ -72,13 +74,15 @@ class Decoder(nn.Module):
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
                 memory: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                 valid_ratios: torch.Tensor, padding_mask: torch.Tensor,
-                bbox_heads: Optional[Sequence[nn.Module]] = None) -> Dict[str, torch.Tensor]:
+                bbox_heads: Optional[Sequence[nn.Module]] = None,
+                self_attn_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             tgt, query_pos: (B, Q, C). reference_points: (B, Q, 4) boxes or (B, Q, 2) points, normalised
                 to each image's valid region. memory: (B, N, C). valid_ratios: (B, L, 2).
             bbox_heads: one per layer for iterative refinement: the next layer's reference is
                 sigmoid(head(out) + inverse_sigmoid(reference)), detached. None: fixed references.
+            self_attn_mask: optional (Q, Q) bool, True where query i must not attend to query j.
         Returns:
             "hs" (layers, B, Q, C) every layer's output; "references": per layer, the (B, Q, 2|4)
             reference its output is relative to (its input reference; points become boxes once refined);
@@ -88,7 +92,7 @@ class Decoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             tgt, loc, w = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory,
-                                spatial_shapes, level_start_index, padding_mask)
+                                spatial_shapes, level_start_index, padding_mask, self_attn_mask)
             hs.append(tgt)
             references.append(reference_points)
             locations.append(loc)

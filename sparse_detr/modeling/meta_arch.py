@@ -15,9 +15,10 @@ from torchvision.ops import box_convert
 
 from ..layers.onednn_linear import use_onednn_linears
 from ..layers.position_encoding import PositionEmbeddingSine
-from .criterion import SetCriterion, build_weight_dict
+from .criterion import ONE_TO_MANY_SUFFIX, SetCriterion, build_weight_dict
 from .dam import check_dam_convention
 from .matcher import HungarianMatcher
+from .one_to_many import group_self_attn_mask, repeat_targets, split_query_groups
 from .token_scoring import get_token_scorer_class
 from .transformer import SparseDeformableTransformer
 from .utils import MLP, GroupNorm, box_from_delta, level_masks, to_float32
@@ -54,9 +55,17 @@ def validate_sparse_detr_config(cfg) -> None:
             if getattr(sd, name):
                 raise ValueError(f"{key}{name}=True applies to two-stage queries only: set {key}TWO_STAGE=True "
                                  f"or {key}{name}=False")
-    for name in ("ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES"):
+    for name in ("ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES", "ONE_TO_MANY_REPEATS"):
         if getattr(sd, name) < 1:
             raise ValueError(f"{key}{name}={getattr(sd, name)} must be >= 1")
+    if sd.ONE_TO_MANY_QUERIES < 0:
+        raise ValueError(f"{key}ONE_TO_MANY_QUERIES={sd.ONE_TO_MANY_QUERIES} must be >= 0 (0: off)")
+    if sd.ONE_TO_MANY_QUERIES > 0 and not sd.TWO_STAGE:
+        raise ValueError(f"{key}ONE_TO_MANY_QUERIES={sd.ONE_TO_MANY_QUERIES} needs two-stage queries: set "
+                         f"{key}TWO_STAGE=True or {key}ONE_TO_MANY_QUERIES=0")
+    if sd.ONE_TO_MANY_QUERIES > 0 and sd.ONE_TO_MANY_LOSS_WEIGHT <= 0:
+        raise ValueError(f"{key}ONE_TO_MANY_LOSS_WEIGHT={sd.ONE_TO_MANY_LOSS_WEIGHT} must be > 0 when "
+                         f"{key}ONE_TO_MANY_QUERIES > 0")
 
 
 def check_ground_truth(instances: Instances, num_classes: int) -> None:
@@ -95,7 +104,7 @@ class SparseDETR(nn.Module):
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False,
-                 cpu_onednn_linear: bool = True):
+                 cpu_onednn_linear: bool = True, one_to_many_queries: int = 0, one_to_many_repeats: int = 6):
         """
         Args:
             backbone: gives `in_features` (strides increasing). transformer: see SparseDeformableTransformer.
@@ -109,6 +118,9 @@ class SparseDETR(nn.Module):
                 `TokenScorer.dam_correlation`) to every image's output dict.
             cpu_onednn_linear: make every `nn.Linear` (backbone included) a `OneDNNLinear`, faster in
                 CPU float32 inference and identical elsewhere.
+            one_to_many_queries, one_to_many_repeats: (two-stage, training only) extra queries matched to
+                the ground truth repeated `one_to_many_repeats` times (see one_to_many.py); their losses
+                need `weight_dict` entries with ONE_TO_MANY_SUFFIX (build_weight_dict's one_to_many_weight).
         """
         super().__init__()
         self.backbone = backbone
@@ -126,6 +138,8 @@ class SparseDETR(nn.Module):
         self.enc_aux_heads_at_inference = enc_aux_heads_at_inference
         self.detections_per_image = detections_per_image
         self.test_dam_correlation = test_dam_correlation
+        self.one_to_many_queries = one_to_many_queries
+        self.one_to_many_repeats = one_to_many_repeats
         # Stored for images scaled by 1/255 (divided in float64: exactly torchvision's Normalize constants).
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
@@ -180,7 +194,8 @@ class SparseDETR(nn.Module):
         weight_dict = build_weight_dict(
             sd.CLS_LOSS_COEF, sd.BBOX_LOSS_COEF, sd.GIOU_LOSS_COEF, sd.MASK_PREDICTION_COEF,
             dec_layers=sd.DEC_LAYERS if sd.AUX_LOSS else 1, two_stage=sd.TWO_STAGE,
-            enc_aux_layers=sd.ENC_LAYERS - 1 if sd.USE_ENC_AUX_LOSS else 0)
+            enc_aux_layers=sd.ENC_LAYERS - 1 if sd.USE_ENC_AUX_LOSS else 0,
+            one_to_many_weight=sd.ONE_TO_MANY_LOSS_WEIGHT if sd.ONE_TO_MANY_QUERIES > 0 else 0.0)
         return {
             "backbone": backbone, "in_features": sd.IN_FEATURES, "transformer": SparseDeformableTransformer(cfg),
             "criterion": criterion, "weight_dict": weight_dict, "num_classes": sd.NUM_CLASSES,
@@ -190,7 +205,8 @@ class SparseDETR(nn.Module):
             "enc_aux_heads_at_inference": sd.ENC_AUX_HEADS_AT_INFERENCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE, "test_dam_correlation": sd.TEST_DAM_CORRELATION,
-            "cpu_onednn_linear": sd.CPU_ONEDNN_LINEAR,
+            "cpu_onednn_linear": sd.CPU_ONEDNN_LINEAR, "one_to_many_queries": sd.ONE_TO_MANY_QUERIES,
+            "one_to_many_repeats": sd.ONE_TO_MANY_REPEATS,
         }
 
     @property
@@ -234,7 +250,9 @@ class SparseDETR(nn.Module):
             "anchor_valid").
         """
         x = images.tensor
-        if x.device.type == "cpu" and not self.training:  # oneDNN channels_last convs: -25 % backbone time
+        # oneDNN runs channels_last convolutions faster on CPU: -25 % backbone time in inference; in training
+        # -20 % for its forward + backward (the stem's max pool alone: 17 -> 1 ms on 2 x 64 x 208 x 208)
+        if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         sizes = torch.as_tensor(images.image_sizes, device=x.device)  # (B, 2) (h, w)
         image_mask = ((torch.arange(x.shape[-2], device=x.device)[None, :, None] >= sizes[:, 0, None, None])
@@ -253,16 +271,18 @@ class SparseDETR(nn.Module):
         aux_heads = self.encoder_aux_heads() if with_aux else ()
         return self.transformer.forward_encoder(x, rho, aux_heads, return_sampling)
 
-    def pre_decoder(self, x: Dict, memory: torch.Tensor) -> Dict:
-        """See `SparseDeformableTransformer.pre_decoder`."""
+    def pre_decoder(self, x: Dict, memory: torch.Tensor, extra_queries: int = 0) -> Dict:
+        """See `SparseDeformableTransformer.pre_decoder` (`extra_queries`: two-stage only)."""
         if self.transformer.two_stage:
-            return self.transformer.pre_decoder(x, memory, proposal_heads=self.proposal_heads())
+            return self.transformer.pre_decoder(x, memory, proposal_heads=self.proposal_heads(),
+                                                extra_queries=extra_queries)
         return self.transformer.pre_decoder(x, memory, query_embed=self.query_embed.weight)
 
-    def forward_decoder(self, x: Dict, memory: torch.Tensor, queries: Dict) -> Dict:
+    def forward_decoder(self, x: Dict, memory: torch.Tensor, queries: Dict,
+                        self_attn_mask: Optional[torch.Tensor] = None) -> Dict:
         """See `Decoder.forward`; refines boxes with the decoder bbox heads when WITH_BOX_REFINE."""
         bbox_heads = [b for _, b in self.decoder_heads()] if self.with_box_refine else None
-        return self.transformer.forward_decoder(x, memory, queries, bbox_heads)
+        return self.transformer.forward_decoder(x, memory, queries, bbox_heads, self_attn_mask)
 
     def forward_heads(self, dec: Dict, all_layers: bool) -> Dict:
         """Per decoder layer: class logits and boxes relative to the layer's reference.
@@ -287,13 +307,24 @@ class SparseDETR(nn.Module):
 
     def run(self, images: ImageList, rho: float, with_enc_aux: bool, raw: bool = False) -> Dict:
         """The whole network on preprocessed images; returns the raw output dict (see `forward_raw`).
-        In eval mode without `raw`, the decoder's auxiliary outputs are not computed."""
+        In eval mode without `raw`, the decoder's auxiliary outputs are not computed. In training with
+        one-to-many queries, their predictions are under "one_to_many_outputs" ("pred_logits",
+        "pred_boxes", "aux_outputs"); every other key is about the one-to-one queries only."""
         x = self.pre_transformer(images)
         enc = self.forward_encoder(x, rho, with_enc_aux, return_sampling=raw)
-        queries = self.pre_decoder(x, enc["memory"])
-        dec = self.forward_decoder(x, enc["memory"], queries)
+        extra = self.one_to_many_queries if self.training else 0
+        queries = self.pre_decoder(x, enc["memory"], extra)
+        num_total = queries["tgt"].shape[1]
+        num_one_to_one = min(self.num_queries, num_total)
+        mask = group_self_attn_mask(num_one_to_one, num_total, images.tensor.device) if extra else None
+        dec = self.forward_decoder(x, enc["memory"], queries, mask)
+        dec_many = None
+        if num_total > num_one_to_one:
+            dec, dec_many = split_query_groups(dec, num_one_to_one)
         # inference needs only the last layer's heads (the loss and the official output dict need all)
         out = self.forward_heads(dec, all_layers=self.aux_loss and (self.training or raw))
+        if dec_many is not None:
+            out["one_to_many_outputs"] = self.forward_heads(dec_many, all_layers=self.aux_loss)
         for key in ("backbone_mask_prediction", "backbone_topk_proposals", "sparse_token_nums",
                     "sampling_locations_enc", "attn_weights_enc"):
             if key in enc:
@@ -373,6 +404,9 @@ class SparseDETR(nn.Module):
         """Unweighted losses: the criterion's (every prediction set) and the scoring loss (rho > 0); in
         training the scorer's diagnostics (official `corr_*`) go to the event storage."""
         losses = self.criterion(out, targets)
+        if "one_to_many_outputs" in out:
+            many = self.criterion(out["one_to_many_outputs"], repeat_targets(targets, self.one_to_many_repeats))
+            losses.update({k + ONE_TO_MANY_SUFFIX: v for k, v in many.items()})
         if "backbone_mask_prediction" in out:
             scorer = self.transformer.enc_mask_predictor
             out = {**out, **scorer.compute_target(out, targets)}

@@ -156,13 +156,15 @@ class SparseDeformableTransformer(nn.Module):
         return out
 
     def pre_decoder(self, x: Dict, memory: torch.Tensor, proposal_heads: Optional[HeadPair] = None,
-                    query_embed: Optional[torch.Tensor] = None) -> Dict:
+                    query_embed: Optional[torch.Tensor] = None, extra_queries: int = 0) -> Dict:
         """Decoder queries: two-stage (top `num_queries` encoder tokens) or learned.
 
         Args:
             x: output of `flatten`. memory: (B, N, C) encoder output.
             proposal_heads: (two-stage) the (class, bbox) head scoring every token.
             query_embed: (learned queries) (Q, 2C) embedding: query position, content.
+            extra_queries: (two-stage) take the top `num_queries + extra_queries` tokens, in score order
+                (the first `num_queries` are the ones taken without extras).
         Returns:
             "tgt", "query_pos" (B, Q, C); "reference_points" (B, Q, 4) detached boxes (two-stage) or
             (B, Q, 2) points; two-stage also "enc_outputs" {"pred_logits" (B, N, classes), "pred_boxes"
@@ -178,7 +180,7 @@ class SparseDeformableTransformer(nn.Module):
         logits = class_head(output_memory)
         coords_unact = bbox_head(output_memory) + x["anchors"]
         fg_score = logits.max(-1).values if self.eff_specific_head else logits[..., 0]
-        topk = fg_score.topk(min(self.num_queries, fg_score.shape[1]), dim=1).indices
+        topk = fg_score.topk(min(self.num_queries + extra_queries, fg_score.shape[1]), dim=1).indices
         topk_coords_unact = coords_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, self.d_model // 2)))
         if self.eff_query_init:
@@ -191,8 +193,9 @@ class SparseDeformableTransformer(nn.Module):
                 "topk_proposals": topk}
 
     def forward_decoder(self, x: Dict, memory: torch.Tensor, queries: Dict,
-                        bbox_heads: Optional[List[nn.Module]] = None) -> Dict:
+                        bbox_heads: Optional[List[nn.Module]] = None,
+                        self_attn_mask: Optional[torch.Tensor] = None) -> Dict:
         """Run the decoder on `queries` (output of `pre_decoder`); see `Decoder.forward` for the output."""
         return self.decoder(queries["tgt"], queries["query_pos"], queries["reference_points"], memory,
                             x["spatial_shapes"], x["level_start_index"], x["valid_ratios"], x["mask_flatten"],
-                            bbox_heads=bbox_heads)
+                            bbox_heads=bbox_heads, self_attn_mask=self_attn_mask)
