@@ -96,6 +96,12 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_ROTATE_90 = False
     cfg.INPUT.DETR_COLOR_JITTER = 0.0
 
+    # Test-time augmentation (sparse_detr/modeling/test_time_augmentation.py), with Detectron2's keys
+    # TEST.AUG.ENABLED / MIN_SIZES / MAX_SIZE / FLIP and two more: rotations by 0/90/180/270 degrees, and
+    # the IoU above which boxes of the views are fused (0.55: the weighted-boxes-fusion paper's default).
+    cfg.TEST.AUG.ROTATE_90 = False
+    cfg.TEST.AUG.FUSION_IOU = 0.55
+
     # Official optimisation recipe.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1

@@ -5,7 +5,7 @@ from detectron2.config import get_cfg
 from torch import nn
 
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.engine import CPUAMPTrainer, build_sparse_detr_optimizer, get_sparse_detr_param_groups
+from sparse_detr.engine import CPUAMPTrainer, Trainer, build_sparse_detr_optimizer, get_sparse_detr_param_groups
 
 
 class _Attn(nn.Module):
@@ -152,6 +152,20 @@ def test_eval_only_runs_coco_evaluator(trained):
     bbox = res["bbox"]  # DefaultTrainer.test unwraps a single test dataset
     assert {"AP", "AP50", "AP75", "APs"} <= set(bbox)
     assert os.path.exists(os.path.join(trained, "inference", "coco_instances_results.json"))
+
+
+def test_eval_only_with_test_time_augmentation(trained):
+    res = train_net.main(_args(trained, 4, "--eval-only", extra=[
+        "MODEL.WEIGHTS", os.path.join(trained, "model_final.pth"), "TEST.AUG.ENABLED", "True",
+        "TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.ROTATE_90", "True"]))
+    assert {"AP", "AP50"} <= set(res["bbox"]) and {"AP", "AP50"} <= set(res["bbox_TTA"])
+    assert os.path.exists(os.path.join(trained, "inference_TTA", "coco_instances_results.json"))
+
+
+def test_tta_evaluation_hook_runs_before_the_writer(trained):
+    cfg = train_net.setup(_args(trained, 4, extra=["TEST.AUG.ENABLED", "True"]))
+    names = [type(h).__name__ for h in Trainer(cfg)._hooks]
+    assert names.count("EvalHook") == 2 and names[-1] == "PeriodicWriter"
 
 
 def test_resume_continues_at_the_next_iteration(trained, tmp_path):

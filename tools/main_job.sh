@@ -63,6 +63,8 @@ import json, sys
 path, wall, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with open(path) as f:
     last = [m for m in map(json.loads, f) if "bbox/AP" in m][-1]
-print(f"[main_job] {config}: AP {last['bbox/AP']:.1f}  AP50 {last['bbox/AP50']:.1f}  "
+tta = (f"; with test-time augmentation (TEST.AUG): AP {last['bbox_TTA/AP']:.1f}  AP50 {last['bbox_TTA/AP50']:.1f}"
+       if "bbox_TTA/AP" in last else "")
+print(f"[main_job] {config}: AP {last['bbox/AP']:.1f}  AP50 {last['bbox/AP50']:.1f}{tta}  "
       f"(COCO, deepforest_trees_val)  train+eval wall time {wall // 60} min {wall % 60:02d} s")
 PY

@@ -2,10 +2,11 @@
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -13,6 +14,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import SparseDETRCheckpointer
 from ..data import build_dataset_mapper
 from ..evaluation import DAMCorrelationEvaluator
+from ..modeling.test_time_augmentation import SparseDETRWithTTA
 from .optimizer import build_sparse_detr_optimizer
 
 __all__ = ["Trainer", "CPUAMPTrainer"]
@@ -41,7 +43,9 @@ class Trainer(DefaultTrainer):
       or other models' checkpoints; strict when resuming);
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
       for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it;
-    * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on CPU.
+    * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on CPU;
+    * TEST.AUG.ENABLED: after training, also `test_with_TTA` (results "bbox_TTA/*", written to the
+      metrics like the plain evaluation's), as Detectron2's tools/train_net.py does for R-CNN.
     """
 
     def __init__(self, cfg):
@@ -69,6 +73,24 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:  # before the writer, so that it records the TTA results too
+            writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+            ret.insert(writer_at, hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
+        return ret
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate `SparseDETRWithTTA(cfg, model)` on cfg.DATASETS.TEST (predictions under
+        OUTPUT_DIR/inference_TTA); the result keys get the suffix "_TTA"."""
+        tta = SparseDETRWithTTA(cfg, model)
+        logging.getLogger(__name__).info(f"Running inference with test-time augmentation ({tta.num_views} views)")
+        evaluators = [cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+                      for name in cfg.DATASETS.TEST]
+        res = cls.test(cfg, tta, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     @classmethod
     def build_optimizer(cls, cfg, model):
