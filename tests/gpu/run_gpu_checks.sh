@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# GPU checks of the multi-scale deformable attention op, for a machine with an NVIDIA GPU (under 5 minutes):
+# GPU checks for a machine with an NVIDIA GPU (under 8 minutes):
 #   1. builds sparse_detr._C with its CUDA kernels for this card (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = its
 #      compute capability), in place;
 #   2. runs tests/test_ms_deform_attn.py (the CUDA twins included; Detectron2 is not needed, see light.py);
 #   3. benchmarks the CUDA kernel against the grid_sample reference and, when it builds there, the peer
 #      torch-ms-deform-attn 0.1.1 (its sdist is taken from .cache/peer_sdist: nothing is downloaded);
-#   4. writes everything to $OUT (the device tool's folder) or else .cache/gpu_results/: summary.md (device,
-#      steps, test summary, benchmark table) and the logs.
-# On the device tool, from this checkout (the peer's sdist fetched here first, it is git-ignored):
+#   4. when Detectron2 is importable (installed, or carried in .cache/gpu_site, see below): the whole model,
+#      projects/SparseDETR/benchmark.py on CUDA (latency at batch 1 and 4 per rho, float32 and float16
+#      autocast) and tests/gpu/model_checks.py (train_net.py with AMP on CUDA, DefaultPredictor, full-size
+#      training steps per rho);
+#   5. writes to $OUT (the device tool's folder) or else .cache/gpu_results/: summary.md (device, steps, test
+#      summary, tables), benchmark_cuda*.png and logs.tar.gz (every log).
+# On the device tool, from this checkout (both folders are git-ignored; nothing can be downloaded there):
 #   .venv/bin/python -m pip download --no-deps --no-build-isolation --no-binary :all: \
 #       torch-ms-deform-attn==0.1.1 -d .cache/peer_sdist
-#   run(command="bash tests/gpu/run_gpu_checks.sh", carry=[".cache/peer_sdist"], timeout_s=420)
+#   bash tests/gpu/make_gpu_site.sh       # Detectron2 and its pure-Python needs for the GPU machine's Python
+#   run(command="bash tests/gpu/run_gpu_checks.sh", carry=[".cache/peer_sdist", ".cache/gpu_site"], timeout_s=540)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -18,9 +23,11 @@ PY="${PYTHON:-python3}"
 RESULTS="${OUT:-$ROOT/.cache/gpu_results}"
 mkdir -p "$RESULTS"
 SUMMARY="$RESULTS/summary.md"
+LOGS="$(mktemp -d)"  # packed into logs.tar.gz at the end (the device tool returns at most 8 files)
 PEER_DIR="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
-DEADLINE=$(( $(date +%s) + 285 ))  # the whole script stays under 5 minutes
+DEADLINE=$(( $(date +%s) + 470 ))  # the whole script stays under 8 minutes
+trap 'tar czf "$RESULTS/logs.tar.gz" -C "$LOGS" .' EXIT
 step() { echo "- $*" | tee -a "$SUMMARY"; }
 budget() { local left=$(( DEADLINE - $(date +%s) )); echo $(( left < $1 ? (left > 5 ? left : 5) : $1 )); }
 
@@ -41,34 +48,58 @@ export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$CAP}" MAX_JOB
 SDIST="$(ls .cache/peer_sdist/torch_ms_deform_attn-0.1.1.tar.gz 2>/dev/null || true)"
 if [ -n "$SDIST" ]; then
   (timeout "$(budget 200)" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --target "$PEER_DIR" "$SDIST" \
-    >"$RESULTS/peer_build.log" 2>&1; echo $? >"$RESULTS/peer_build.rc") &
+    >"$LOGS/peer_build.log" 2>&1; echo $? >"$LOGS/peer_build.rc") &
   PEER_PID=$!
 fi
 
 start=$(date +%s)
-if timeout "$(budget 170)" "$PY" setup.py -q build_ext --inplace >"$RESULTS/build.log" 2>&1; then
+if timeout "$(budget 170)" "$PY" setup.py -q build_ext --inplace >"$LOGS/build.log" 2>&1; then
   step "build: sparse_detr._C with CUDA kernels for sm_${CAP/./} in $(( $(date +%s) - start )) s"
 else
-  step "build FAILED (exit $?): see build.log"; tail -30 "$RESULTS/build.log"; exit 1
+  step "build FAILED (exit $?): see build.log"; tail -30 "$LOGS/build.log"; exit 1
 fi
 
 # Tests that start a fresh interpreter need the whole package (Detectron2): they ran on the CPU machines.
 timeout "$(budget 90)" "$PY" tests/gpu/light.py -m pytest -q -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
-  -k "not extension_hidden and not baseline_instruction" >"$RESULTS/tests.log" 2>&1
+  -k "not extension_hidden and not baseline_instruction" >"$LOGS/tests.log" 2>&1
 rc=$?
-step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$RESULTS/tests.log")"
-grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -20 | tee -a "$SUMMARY"
+step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$LOGS/tests.log")"
+grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$SUMMARY"
 
 if [ -n "$SDIST" ]; then
   wait "$PEER_PID"
-  step "peer build: exit $(cat "$RESULTS/peer_build.rc") (peer_build.log)"
+  step "peer build: exit $(cat "$LOGS/peer_build.rc") (peer_build.log)"
 else
   step "peer: .cache/peer_sdist/torch_ms_deform_attn-0.1.1.tar.gz not carried; benchmark without it"
 fi
 
 echo -e "\n## Op benchmark (CUDA)\n" >>"$SUMMARY"
 timeout "$(budget 60)" "$PY" tests/gpu/light.py projects/SparseDETR/benchmark_ops.py --device cuda --repeats 20 --warmup 3 \
-  --peer-path "$PEER_DIR" --output "$RESULTS/benchmark_cuda.md" >"$RESULTS/benchmark.log" 2>&1
+  --peer-path "$PEER_DIR" --output "$LOGS/benchmark_ops_cuda.md" >"$LOGS/benchmark_ops.log" 2>&1
 rc=$?
-if [ $rc -eq 0 ]; then cat "$RESULTS/benchmark_cuda.md" >>"$SUMMARY"; else step "benchmark FAILED (exit $rc)"; tail -20 "$RESULTS/benchmark.log" | tee -a "$SUMMARY"; fi
+if [ $rc -eq 0 ]; then cat "$LOGS/benchmark_ops_cuda.md" >>"$SUMMARY"; else step "benchmark FAILED (exit $rc)"; tail -20 "$LOGS/benchmark_ops.log" | tee -a "$SUMMARY"; fi
+
+# The whole model: needs Detectron2 (carried as .cache/gpu_site where it cannot be installed).
+[ -d .cache/gpu_site ] && export PYTHONPATH="$ROOT/.cache/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
+if "$PY" -c "import detectron2, sparse_detr" >"$LOGS/import.log" 2>&1; then
+  for amp in "" "--amp"; do
+    name="benchmark_cuda${amp:+_amp}"
+    echo -e "\n## Model benchmark (CUDA${amp:+, float16 autocast})\n" >>"$SUMMARY"
+    timeout "$(budget 110)" "$PY" projects/SparseDETR/benchmark.py --device cuda --skip-flops $amp --warmup 5 --iters 20 \
+      --config-file configs/COCO-Detection/sparse_detr_R_50_rho_0.1.yaml --output-dir "$LOGS/$name" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      cat "$LOGS/$name/benchmark.md" >>"$SUMMARY"; cp "$LOGS/$name/benchmark.png" "$RESULTS/$name.png"
+    else
+      step "model benchmark FAILED (exit $rc)"; tail -20 "$LOGS/$name.log" | tee -a "$SUMMARY"
+    fi
+  done
+  echo >>"$SUMMARY"
+  timeout "$(budget 150)" "$PY" tests/gpu/model_checks.py --output "$LOGS/model_checks.md" >"$LOGS/model_checks.log" 2>&1
+  rc=$?
+  step "tests/gpu/model_checks.py (exit $rc)"
+  if [ -f "$LOGS/model_checks.md" ]; then cat "$LOGS/model_checks.md" >>"$SUMMARY"; else tail -20 "$LOGS/model_checks.log" | tee -a "$SUMMARY"; fi
+else
+  step "model checks skipped: Detectron2 or sparse_detr does not import ($(tail -1 "$LOGS/import.log"))"
+fi
 cat "$SUMMARY"
