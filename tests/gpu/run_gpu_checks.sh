@@ -26,6 +26,9 @@ SUMMARY="$RESULTS/summary.md"
 LOGS="$(mktemp -d)"  # packed into logs.tar.gz at the end (the device tool returns at most 8 files)
 PEER_DIR="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
+# sparse_detr from this checkout (built in place below); Detectron2 from .cache/gpu_site when carried.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .cache/gpu_site ] && export PYTHONPATH="$ROOT/.cache/gpu_site:$PYTHONPATH"
 DEADLINE=$(( $(date +%s) + 470 ))  # the whole script stays under 8 minutes
 trap 'tar czf "$RESULTS/logs.tar.gz" -C "$LOGS" .' EXIT
 step() { echo "- $*" | tee -a "$SUMMARY"; }
@@ -80,7 +83,6 @@ rc=$?
 if [ $rc -eq 0 ]; then cat "$LOGS/benchmark_ops_cuda.md" >>"$SUMMARY"; else step "benchmark FAILED (exit $rc)"; tail -20 "$LOGS/benchmark_ops.log" | tee -a "$SUMMARY"; fi
 
 # The whole model: needs Detectron2 (carried as .cache/gpu_site where it cannot be installed).
-[ -d .cache/gpu_site ] && export PYTHONPATH="$ROOT/.cache/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
 if "$PY" -c "import detectron2, sparse_detr" >"$LOGS/import.log" 2>&1; then
   for amp in "" "--amp"; do
     name="benchmark_cuda${amp:+_amp}"
