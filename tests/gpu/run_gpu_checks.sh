@@ -2,10 +2,10 @@
 # GPU checks for a machine with an NVIDIA GPU (under 8 minutes):
 #   1. builds sparse_detr._C with its CUDA kernels for this card (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = its
 #      compute capability), in place;
-#   2. runs tests/test_ms_deform_attn.py (the CUDA twins included; Detectron2 is not needed, see light.py);
+#   2. runs tests/test_ms_deform_attn.py (the CUDA twins included);
 #   3. benchmarks the CUDA kernel against the grid_sample reference and, when it builds there, the peer
 #      torch-ms-deform-attn 0.1.1 (its sdist is taken from .cache/peer_sdist: nothing is downloaded);
-#   4. when Detectron2 is importable (installed, or carried in .cache/gpu_site, see below): the whole model,
+#   4. the whole model:
 #      projects/SparseDETR/benchmark.py on CUDA (latency at batch 1 and 4 per rho, float32 and float16
 #      autocast) and tests/gpu/model_checks.py (train_net.py with AMP on CUDA, DefaultPredictor, full-size
 #      training steps per rho);
@@ -43,6 +43,8 @@ print(f"# GPU checks: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.
       f"(CUDA {torch.version.cuda})\n")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || { step "no usable GPU: stopping"; exit 1; }
+"$PY" -c "import detectron2" 2>/dev/null || {
+  step "Detectron2 does not import: install it, or run tests/gpu/make_gpu_site.sh and carry .cache/gpu_site"; exit 1; }
 CAP="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$CAP}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 [ -n "${CUDA_HOME:-}" ] || { [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda; }
@@ -63,10 +65,14 @@ else
 fi
 
 # Tests that start a fresh interpreter need the whole package (Detectron2): they ran on the CPU machines.
-timeout "$(budget 90)" "$PY" tests/gpu/light.py -m pytest -q -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
+timeout "$(budget 90)" "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
   -k "not extension_hidden and not baseline_instruction" >"$LOGS/tests.log" 2>&1
 rc=$?
-step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$LOGS/tests.log")"
+if [ $rc -ge 124 ]; then  # killed (timeout, signal): name the test it was in
+  step "tests/test_ms_deform_attn.py (exit $rc) stopped in: $(grep -oE "^tests/[^ ]+" "$LOGS/tests.log" | tail -1)"
+else
+  step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$LOGS/tests.log")"
+fi
 grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$SUMMARY"
 
 if [ -n "$SDIST" ]; then
@@ -77,31 +83,27 @@ else
 fi
 
 echo -e "\n## Op benchmark (CUDA)\n" >>"$SUMMARY"
-timeout "$(budget 60)" "$PY" tests/gpu/light.py projects/SparseDETR/benchmark_ops.py --device cuda --repeats 20 --warmup 3 \
+timeout "$(budget 60)" "$PY" projects/SparseDETR/benchmark_ops.py --device cuda --repeats 20 --warmup 3 \
   --peer-path "$PEER_DIR" --output "$LOGS/benchmark_ops_cuda.md" >"$LOGS/benchmark_ops.log" 2>&1
 rc=$?
 if [ $rc -eq 0 ]; then cat "$LOGS/benchmark_ops_cuda.md" >>"$SUMMARY"; else step "benchmark FAILED (exit $rc)"; tail -20 "$LOGS/benchmark_ops.log" | tee -a "$SUMMARY"; fi
 
-# The whole model: needs Detectron2 (carried as .cache/gpu_site where it cannot be installed).
-if "$PY" -c "import detectron2, sparse_detr" >"$LOGS/import.log" 2>&1; then
-  for amp in "" "--amp"; do
-    name="benchmark_cuda${amp:+_amp}"
-    echo -e "\n## Model benchmark (CUDA${amp:+, float16 autocast})\n" >>"$SUMMARY"
-    timeout "$(budget 110)" "$PY" projects/SparseDETR/benchmark.py --device cuda --skip-flops $amp --warmup 5 --iters 20 \
-      --config-file configs/COCO-Detection/sparse_detr_R_50_rho_0.1.yaml --output-dir "$LOGS/$name" >"$LOGS/$name.log" 2>&1
-    rc=$?
-    if [ $rc -eq 0 ]; then
-      cat "$LOGS/$name/benchmark.md" >>"$SUMMARY"; cp "$LOGS/$name/benchmark.png" "$RESULTS/$name.png"
-    else
-      step "model benchmark FAILED (exit $rc)"; tail -20 "$LOGS/$name.log" | tee -a "$SUMMARY"
-    fi
-  done
-  echo >>"$SUMMARY"
-  timeout "$(budget 150)" "$PY" tests/gpu/model_checks.py --output "$LOGS/model_checks.md" >"$LOGS/model_checks.log" 2>&1
+# The whole model.
+for amp in "" "--amp"; do
+  name="benchmark_cuda${amp:+_amp}"
+  echo -e "\n## Model benchmark (CUDA${amp:+, float16 autocast})\n" >>"$SUMMARY"
+  timeout "$(budget 110)" "$PY" projects/SparseDETR/benchmark.py --device cuda --skip-flops $amp --warmup 5 --iters 20 \
+    --config-file configs/COCO-Detection/sparse_detr_R_50_rho_0.1.yaml --output-dir "$LOGS/$name" >"$LOGS/$name.log" 2>&1
   rc=$?
-  step "tests/gpu/model_checks.py (exit $rc)"
-  if [ -f "$LOGS/model_checks.md" ]; then cat "$LOGS/model_checks.md" >>"$SUMMARY"; else tail -20 "$LOGS/model_checks.log" | tee -a "$SUMMARY"; fi
-else
-  step "model checks skipped: Detectron2 or sparse_detr does not import ($(tail -1 "$LOGS/import.log"))"
-fi
+  if [ $rc -eq 0 ]; then
+    cat "$LOGS/$name/benchmark.md" >>"$SUMMARY"; cp "$LOGS/$name/benchmark.png" "$RESULTS/$name.png"
+  else
+    step "model benchmark FAILED (exit $rc)"; tail -20 "$LOGS/$name.log" | tee -a "$SUMMARY"
+  fi
+done
+echo >>"$SUMMARY"
+timeout "$(budget 150)" "$PY" tests/gpu/model_checks.py --output "$LOGS/model_checks.md" >"$LOGS/model_checks.log" 2>&1
+rc=$?
+step "tests/gpu/model_checks.py (exit $rc)"
+if [ -f "$LOGS/model_checks.md" ]; then cat "$LOGS/model_checks.md" >>"$SUMMARY"; else tail -20 "$LOGS/model_checks.log" | tee -a "$SUMMARY"; fi
 cat "$SUMMARY"
