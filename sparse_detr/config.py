@@ -107,4 +107,11 @@ def add_sparse_detr_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
     cfg.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
+
+    # An exponential moving average of the weights, which becomes the final model
+    # (sparse_detr/engine/weight_ema.py; not in the official recipe). DECAY: the average's horizon is
+    # about 1 / (1 - DECAY) iterations.
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    cfg.SOLVER.EMA.DECAY = 0.9998
     return cfg

@@ -5,10 +5,12 @@ from .optimizer import (
     maybe_add_full_model_gradient_clipping,
 )
 from .trainer import CPUAMPTrainer, Trainer
+from .weight_ema import WeightEMA
 
 __all__ = [
     "Trainer",
     "CPUAMPTrainer",
+    "WeightEMA",
     "build_sparse_detr_optimizer",
     "get_sparse_detr_param_groups",
     "maybe_add_full_model_gradient_clipping",

@@ -16,6 +16,7 @@ from ..data import build_dataset_mapper
 from ..evaluation import DAMCorrelationEvaluator
 from ..modeling.test_time_augmentation import SparseDETRWithTTA
 from .optimizer import build_sparse_detr_optimizer
+from .weight_ema import WeightEMA
 
 __all__ = ["Trainer", "CPUAMPTrainer"]
 
@@ -44,6 +45,8 @@ class Trainer(DefaultTrainer):
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
       for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it;
     * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on CPU;
+    * SOLVER.EMA.ENABLED: an exponential moving average of the weights (`WeightEMA`) becomes the final
+      model;
     * TEST.AUG.ENABLED: after training, also `test_with_TTA` (results "bbox_TTA/*", written to the
       metrics like the plain evaluation's), as Detectron2's tools/train_net.py does for R-CNN.
     """
@@ -76,6 +79,9 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
+        if self.cfg.SOLVER.EMA.ENABLED:  # before the checkpointer: model_final.pth gets the average
+            checkpointer_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer))
+            ret.insert(checkpointer_at, WeightEMA(self.cfg.SOLVER.EMA.DECAY))
         if self.cfg.TEST.AUG.ENABLED:  # before the writer, so that it records the TTA results too
             writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
             ret.insert(writer_at, hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
