@@ -64,15 +64,20 @@ else
   step "build FAILED (exit $?): see build.log"; tail -30 "$LOGS/build.log"; exit 1
 fi
 
-# Tests that start a fresh interpreter need the whole package (Detectron2): they ran on the CPU machines.
-timeout "$(budget 90)" "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
-  -k "not extension_hidden and not baseline_instruction" >"$LOGS/tests.log" 2>&1
-rc=$?
-if [ $rc -ge 124 ]; then  # killed (timeout, signal): name the test it was in
-  step "tests/test_ms_deform_attn.py (exit $rc) stopped in: $(grep -oE "^tests/[^ ]+" "$LOGS/tests.log" | tail -1)"
-else
-  step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$LOGS/tests.log")"
-fi
+# Two CPU-only tests that start a fresh interpreter are left to the CPU machines (CI). A test that kills
+# pytest (a crash in compiled code) is named, and the rest of the file runs without it (up to 3 times).
+deselect=()
+for attempt in 1 2 3; do
+  timeout "$(budget 90)" "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_ms_deform_attn.py \
+    -k "not extension_hidden and not baseline_instruction" "${deselect[@]}" >"$LOGS/tests_$attempt.log" 2>&1
+  rc=$?
+  cp "$LOGS/tests_$attempt.log" "$LOGS/tests.log"
+  [ $rc -ge 124 ] || break
+  crashed="$(grep -oE "^tests/[^ ]+" "$LOGS/tests.log" | tail -1)"
+  step "tests/test_ms_deform_attn.py: pytest killed (exit $rc) in $crashed; the rest runs without it"
+  deselect+=(--deselect "$crashed")
+done
+step "tests/test_ms_deform_attn.py (exit $rc): $(tail -1 "$LOGS/tests.log")"
 grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$SUMMARY"
 
 if [ -n "$SDIST" ]; then
