@@ -6,6 +6,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from synthetic import TINY_OPTS
@@ -70,3 +71,22 @@ def test_show_tokens_needs_a_sparse_model(inputs, tmp_path):
     with pytest.raises(SystemExit, match="RHO > 0"):
         demo.main(["--config-file", BASE, "--input", folder, "--output", str(tmp_path), "--show-tokens",
                    "--opts", *OPTS, "MODEL.SPARSE_DETR.RHO", "0.0"])
+
+
+def test_tta_detections_with_the_plain_token_maps(inputs, tmp_path):
+    folder, _ = inputs
+    tta_opts = ["TEST.AUG.MIN_SIZES", "(80, 96)", "TEST.AUG.FLIP", "True", "TEST.AUG.ROTATE_90", "True"]
+    cfg = demo.setup_cfg(demo.get_parser().parse_args(["--config-file", BASE, "--output", "-", "--opts", *OPTS,
+                                                       *tta_opts]))
+    image = cv2.imread(os.path.join(folder, "colour.jpg"))
+    torch.manual_seed(0)  # the same random weights for both
+    plain, plain_levels = demo.TokenSelectionPredictor(cfg)(image)
+    torch.manual_seed(0)
+    fused, levels = demo.TokenSelectionPredictor(cfg, tta=True)(image)
+    assert fused["instances"].image_size == (90, 120)
+    assert not torch.equal(fused["instances"].pred_boxes.tensor, plain["instances"].pred_boxes.tensor)
+    for level, plain_level in zip(levels, plain_levels):
+        assert np.array_equal(level["selected"], plain_level["selected"])
+    out = str(tmp_path / "out")
+    demo.main(["--config-file", BASE, "--input", folder, "--output", out, "--tta", "--opts", *OPTS, *tta_opts])
+    assert sorted(os.listdir(out)) == ["colour.jpg", "gray.jpg"]

@@ -10,7 +10,8 @@
 # 3. trains with projects/SparseDETR/train_net.py (progress every 20 iterations, a checkpoint every
 #    SOLVER.CHECKPOINT_PERIOD; an interrupted run is resumed from its last checkpoint when the command
 #    is run again) and evaluates the validation split with COCOEvaluator;
-# 4. draws detections and the scoring network's token selection on every validation tile;
+# 4. draws detections (of the test-time-augmented model when TEST.AUG.ENABLED) and the scoring network's
+#    token selection on every validation tile;
 # 5. prints AP, AP50 and the wall time of training + evaluation.
 # Everything goes to output/main_job/<config name>/ (or to an OUTPUT_DIR given among the overrides).
 set -euo pipefail
@@ -44,18 +45,19 @@ start=$(date +%s)
 wall=$(( $(date +%s) - start ))
 
 echo "[main_job] drawing detections and token selections on the validation tiles -> $OUT/pictures"
-show_tokens=$("$PY" - "$CONFIG" "$@" <<'PY'
+demo_flags=$("$PY" - "$CONFIG" "$@" <<'PY'
 import sys
 from detectron2.config import get_cfg
 from sparse_detr import add_sparse_detr_config
 cfg = add_sparse_detr_config(get_cfg())
 cfg.merge_from_file(sys.argv[1])
 cfg.merge_from_list(sys.argv[2:])
-print("--show-tokens" if cfg.MODEL.SPARSE_DETR.RHO > 0 else "")
+# the token selection of a Sparse DETR model; the detections of the TTA model when it is evaluated
+print(("--show-tokens " if cfg.MODEL.SPARSE_DETR.RHO > 0 else "") + ("--tta" if cfg.TEST.AUG.ENABLED else ""))
 PY
 )
 "$PY" projects/SparseDETR/demo.py --config-file "$CONFIG" --input datasets/deepforest/val \
-    --output "$OUT/pictures" --confidence-threshold 0.3 $show_tokens \
+    --output "$OUT/pictures" --confidence-threshold 0.3 $demo_flags \
     --opts MODEL.WEIGHTS "$OUT/model_final.pth" "$@"
 
 "$PY" - "$OUT/metrics.json" "$wall" "$CONFIG" <<'PY'

@@ -3,12 +3,13 @@
 `--show-tokens` also draws the encoder tokens the scoring network kept (a heatmap per level).
 
     python projects/SparseDETR/demo.py --config-file CONFIG --input img.jpg folder/ "glob/*.png" \
-        --output out/ [--show-tokens] [--confidence-threshold 0.5] --opts MODEL.WEIGHTS model.pth
+        --output out/ [--show-tokens] [--tta] [--confidence-threshold 0.5] --opts MODEL.WEIGHTS model.pth
     python projects/SparseDETR/demo.py --config-file CONFIG --video-input clip.mp4 --output out/ --show-tokens
 
 Outputs: `<output>/<name>.jpg` (detections) and, with --show-tokens, `<name>_tokens.jpg` (detections
 plus one panel per level). A video gives `<output>/<name>.mp4`, with --show-tokens the frame and the
-kept tokens of all levels side by side.
+kept tokens of all levels side by side. `--tta` draws the detections of the test-time-augmented model
+(TEST.AUG.*: MIN_SIZES, MAX_SIZE, FLIP, ROTATE_90), the one the TTA evaluation scores.
 """
 import argparse
 import glob
@@ -47,6 +48,8 @@ def get_parser():
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--show-tokens", action="store_true",
                         help="also draw the encoder tokens selected by the scoring network (rho > 0)")
+    parser.add_argument("--tta", action="store_true",
+                        help="detections with test-time augmentation (the views of TEST.AUG.*, fused)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
@@ -138,7 +141,7 @@ def main(argv=None):
                          "a dense model keeps every token")
     if args.show_tokens and cfg.MODEL.SPARSE_DETR.TEST_RHO == 0:
         raise SystemExit("--show-tokens needs MODEL.SPARSE_DETR.TEST_RHO != 0")
-    predictor = TokenSelectionPredictor(cfg)
+    predictor = TokenSelectionPredictor(cfg, tta=args.tta)
     metadata = test_metadata(cfg)
     os.makedirs(args.output, exist_ok=True)
     if args.input:

@@ -15,6 +15,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from matplotlib import colormaps
 
 from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
+from sparse_detr.modeling.test_time_augmentation import SparseDETRWithTTA
 
 __all__ = ["TokenSelectionPredictor", "token_maps", "draw_detections", "draw_token_heatmaps", "draw_token_overlay"]
 
@@ -48,11 +49,14 @@ def token_maps(out: Dict, images: ImageList, index: int = 0) -> List[Dict[str, n
 class TokenSelectionPredictor(DefaultPredictor):
     """DefaultPredictor whose call returns `(predictions, token_maps or None)` for one BGR image;
     None for dense models (rho = 0 at inference: no scoring network, every token is kept). The model is
-    for inference only, so the backbone's frozen batch norms are folded into its convolutions."""
+    for inference only, so the backbone's frozen batch norms are folded into its convolutions.
+    With `tta`, the predictions are those of `SparseDETRWithTTA` (the views of TEST.AUG.*, fused, as in
+    the test-time-augmented evaluation); the token maps stay those of the plain view."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tta: bool = False):
         super().__init__(cfg)
         fold_frozen_batchnorm(self.model)
+        self.tta_model = SparseDETRWithTTA(cfg, self.model) if tta else None
 
     def __call__(self, original_image: np.ndarray) -> Tuple[Dict, Optional[List[Dict[str, np.ndarray]]]]:
         with torch.no_grad():
@@ -66,7 +70,7 @@ class TokenSelectionPredictor(DefaultPredictor):
             images = model.preprocess_image(inputs)
             rho = model.current_rho()
             out = model.run(images, rho, with_enc_aux=False)
-            predictions = model.postprocess(out, images, inputs)[0]
+            predictions = self.tta_model(inputs)[0] if self.tta_model else model.postprocess(out, images, inputs)[0]
             return predictions, token_maps(out, images) if rho > 0 else None
 
 
