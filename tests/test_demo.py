@@ -87,6 +87,10 @@ def test_tta_detections_with_the_plain_token_maps(inputs, tmp_path):
     assert not torch.equal(fused["instances"].pred_boxes.tensor, plain["instances"].pred_boxes.tensor)
     for level, plain_level in zip(levels, plain_levels):
         assert np.array_equal(level["selected"], plain_level["selected"])
+    dense_cfg = demo.setup_cfg(demo.get_parser().parse_args(["--config-file", BASE, "--output", "-", "--opts", *OPTS,
+                                                             *tta_opts, "MODEL.SPARSE_DETR.RHO", "0.0"]))
+    dense, no_tokens = demo.TokenSelectionPredictor(dense_cfg, tta=True)(image)
+    assert no_tokens is None and dense["instances"].image_size == (90, 120)
     out = str(tmp_path / "out")
     demo.main(["--config-file", BASE, "--input", folder, "--output", out, "--tta", "--opts", *OPTS, *tta_opts])
     assert sorted(os.listdir(out)) == ["colour.jpg", "gray.jpg"]

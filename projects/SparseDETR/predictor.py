@@ -66,12 +66,16 @@ class TokenSelectionPredictor(DefaultPredictor):
             image = self.aug.get_transform(original_image).apply_image(original_image)
             inputs = [{"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1)),
                        "height": height, "width": width}]
-            model = self.model
-            images = model.preprocess_image(inputs)
-            rho = model.current_rho()
-            out = model.run(images, rho, with_enc_aux=False)
-            predictions = self.tta_model(inputs)[0] if self.tta_model else model.postprocess(out, images, inputs)[0]
-            return predictions, token_maps(out, images) if rho > 0 else None
+            model, rho = self.model, self.model.current_rho()
+            predictions, tokens = None, None
+            if self.tta_model is None or rho > 0:  # the plain view: its detections and/or its token maps
+                images = model.preprocess_image(inputs)
+                out = model.run(images, rho, with_enc_aux=False)
+                predictions = model.postprocess(out, images, inputs)[0]
+                tokens = token_maps(out, images) if rho > 0 else None
+            if self.tta_model is not None:
+                predictions = self.tta_model(inputs)[0]
+            return predictions, tokens
 
 
 def draw_detections(image_rgb: np.ndarray, predictions: Dict, metadata, threshold: float) -> np.ndarray:
