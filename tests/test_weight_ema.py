@@ -81,3 +81,17 @@ def test_final_checkpoint_holds_the_average_and_resume_continues_it(tmp_path):
         f.write(f"{out}/model_0000001.pth")
     train_net.main(_args(data, resumed, "--resume"))
     assert _checkpoint(f"{resumed}/model_final.pth")["trainer"]["hooks"]["WeightEMA"]["updates"] == 4
+
+
+def test_every_rank_gets_the_hook(tmp_path, monkeypatch):
+    """Non-main ranks have no PeriodicCheckpointer; the hook still goes in, after the LR scheduler."""
+    sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR"))
+    import train_net
+    from detectron2.utils import comm
+
+    register_synthetic("ema_train", str(tmp_path / "data"))
+    register_synthetic("ema_val", str(tmp_path / "data"))
+    monkeypatch.setattr(comm, "is_main_process", lambda: False)
+    names = [type(h).__name__ for h in Trainer(train_net.setup(_args(None, str(tmp_path / "x"))))._hooks]
+    assert "PeriodicCheckpointer" not in names
+    assert names.index("WeightEMA") == names.index("LRScheduler") + 1

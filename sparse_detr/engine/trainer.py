@@ -79,9 +79,11 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
-        if self.cfg.SOLVER.EMA.ENABLED:  # before the checkpointer: model_final.pth gets the average
-            checkpointer_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer))
-            ret.insert(checkpointer_at, WeightEMA(self.cfg.SOLVER.EMA.DECAY))
+        if self.cfg.SOLVER.EMA.ENABLED:
+            # Right after the LR scheduler, which every rank has (the checkpointer only the main one), so
+            # before the checkpointer and the evaluations: model_final.pth and they get the average.
+            scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
+            ret.insert(scheduler_at + 1, WeightEMA(self.cfg.SOLVER.EMA.DECAY))
         if self.cfg.TEST.AUG.ENABLED:  # before the writer, so that it records the TTA results too
             writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
             ret.insert(writer_at, hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
