@@ -55,6 +55,11 @@ def add_sparse_detr_config(cfg):
     sd.GIOU_LOSS_COEF = 2.0
     sd.MASK_PREDICTION_COEF = 1.0
     sd.FOCAL_ALPHA = 0.25
+    # Classification loss: "focal" (official: sigmoid focal loss, 0/1 targets) or "varifocal" (not in the
+    # paper: a matched query's score is trained towards its box's IoU with the ground truth, so scores rank
+    # boxes by localisation quality and the two-stage top-k picks well-placed proposals; VarifocalNet's
+    # alpha 0.75, gamma 2; RT-DETR's classification weight for it is 1.0, see CLS_LOSS_COEF).
+    sd.CLASS_LOSS = "focal"
     # Hungarian matcher costs.
     sd.SET_COST_CLASS = 2.0
     sd.SET_COST_BBOX = 5.0

@@ -117,6 +117,36 @@ def test_losses_against_hand_computation():
     assert losses["loss_giou"].item() == pytest.approx(1 - 0.5, abs=1e-6)
 
 
+def test_varifocal_loss_against_hand_computation():
+    """Same case as above with CLASS_LOSS "varifocal": the matched query's class-1 target is its box's
+    IoU with the ground truth (0.5: the target covers half of the prediction); box losses unchanged."""
+    logits = torch.tensor([[[0.5, -1.0, 2.0], [-0.3, 0.8, -2.0]]], requires_grad=True)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.2, 0.4]]])
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.5, 0.2, 0.2]])}]
+    focal = SetCriterion(3, HungarianMatcher())({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    losses = SetCriterion(3, HungarianMatcher(), class_loss="varifocal")(
+        {"pred_logits": logits, "pred_boxes": boxes}, targets)
+
+    def bce(x, t):
+        p = 1 / (1 + math.exp(-x))
+        return -(t * math.log(p) + (1 - t) * math.log(1 - p))
+
+    expected = 0.5 * bce(0.8, 0.5)  # the positive: weight = target = IoU 0.5
+    expected += sum(0.75 * (1 / (1 + math.exp(-logits[0, q, c].item()))) ** 2 * bce(logits[0, q, c].item(), 0.0)
+                    for q in range(2) for c in range(3) if (q, c) != (1, 1))
+    assert losses["loss_ce"].item() == pytest.approx(expected, abs=1e-6)
+    for k in ("loss_bbox", "loss_giou"):
+        assert losses[k].item() == pytest.approx(focal[k].item(), abs=1e-7)
+    losses["loss_ce"].backward()
+    # The positive logit is pulled towards the IoU, not towards 1: sigmoid(0.8) = 0.69 > 0.5 pushes it down.
+    assert logits.grad[0, 1, 1] > 0
+
+
+def test_unknown_class_loss_names_key_and_allowed_values():
+    with pytest.raises(ValueError, match=r"MODEL.SPARSE_DETR.CLASS_LOSS='ce'.*focal.*varifocal"):
+        SetCriterion(3, HungarianMatcher(), class_loss="ce")
+
+
 def test_all_prediction_sets_and_binary_encoder_head():
     outputs, targets = _random_case(2, 5, 4, [2, 1], 3)
     aux = [_random_case(2, 5, 4, [], s)[0] for s in (10, 11)]

@@ -1,16 +1,22 @@
-"""Set criterion of Sparse DETR: Hungarian-matched focal, L1 and GIoU losses on every prediction set."""
+"""Set criterion of Sparse DETR: Hungarian-matched focal (or varifocal), L1 and GIoU losses on every prediction set."""
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
-__all__ = ["SetCriterion", "build_weight_dict", "LOSS_NAMES", "ONE_TO_MANY_SUFFIX"]
+__all__ = ["SetCriterion", "build_weight_dict", "varifocal_loss", "LOSS_NAMES", "ONE_TO_MANY_SUFFIX",
+           "CLASS_LOSSES"]
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 ONE_TO_MANY_SUFFIX = "_one2many"  # losses of the one-to-many query group (sparse_detr/modeling/one_to_many.py)
+# Classification losses (MODEL.SPARSE_DETR.CLASS_LOSS): "focal" is the official sigmoid focal loss with
+# 0/1 targets; "varifocal" trains the matched query's score towards the IoU of its box (IoU-aware scores).
+CLASS_LOSSES = ("focal", "varifocal")
+VARIFOCAL_ALPHA, VARIFOCAL_GAMMA = 0.75, 2.0  # the VarifocalNet paper's defaults (Zhang et al., CVPR 2021)
 
 
 def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: float,
@@ -40,6 +46,21 @@ def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: flo
     return weights
 
 
+def varifocal_loss(logits: torch.Tensor, positive: torch.Tensor, quality: torch.Tensor,
+                   alpha: float = VARIFOCAL_ALPHA, gamma: float = VARIFOCAL_GAMMA) -> torch.Tensor:
+    """Varifocal loss (VarifocalNet), summed: binary cross-entropy towards `quality` on the positives,
+    weighted by that quality, and towards 0 elsewhere, weighted by alpha * p**gamma.
+
+    Args:
+        logits: (..., C) class logits.
+        positive: (..., C) bool, True at each matched query's ground-truth class.
+        quality: (..., C) target score of the positives (the matched box's IoU, no gradient), 0 elsewhere.
+    """
+    negative_weight = alpha * logits.detach().sigmoid().pow(gamma)
+    weight = torch.where(positive, quality, negative_weight)
+    return F.binary_cross_entropy_with_logits(logits, quality, weight=weight, reduction="sum")
+
+
 def _average_num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
     """Number of target boxes averaged over processes (all-reduced when distributed), at least 1."""
     num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -53,13 +74,14 @@ class SetCriterion(nn.Module):
     """Hungarian-matched detection losses (unweighted) for the final, auxiliary and encoder outputs.
 
     For a prediction set {"pred_logits": (B, Q, C), "pred_boxes": (B, Q, 4) cxcywh}:
-    `loss_ce` sigmoid focal loss (no background class; unmatched queries have all-zero targets),
+    `loss_ce` sigmoid focal loss (no background class; unmatched queries have all-zero targets) or,
+    with class_loss="varifocal", the varifocal loss towards each matched box's IoU with its target,
     `loss_bbox` L1 and `loss_giou` 1 - GIoU over matched pairs; all summed and divided by the
     average number of target boxes per process. Every set is matched independently.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, focal_alpha: float = 0.25,
-                 enc_class_specific: bool = True):
+                 enc_class_specific: bool = True, class_loss: str = "focal"):
         """
         Args:
             num_classes: C, the number of class logits.
@@ -67,12 +89,16 @@ class SetCriterion(nn.Module):
             focal_alpha: alpha of the focal loss (gamma is 2).
             enc_class_specific: supervise the two-stage proposals ("enc_outputs") with the real
                 labels; False supervises class 0 only (the official binary proposal head).
+            class_loss: one of CLASS_LOSSES.
         """
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.focal_alpha = focal_alpha
         self.enc_class_specific = enc_class_specific
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"MODEL.SPARSE_DETR.CLASS_LOSS={class_loss!r}; allowed: {list(CLASS_LOSSES)}")
+        self.class_loss = class_loss
 
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """
@@ -112,15 +138,18 @@ class SetCriterion(nn.Module):
         matched_tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)]
                                        for t, (_, j) in zip(targets, indices)])
 
-        onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, matched_labels] = 1
-        loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0,
-                                     reduction="sum") / num_boxes
-
         src_boxes = boxes[batch_idx, query_idx]
         tgt_boxes = matched_tgt_boxes.to(src_boxes)
+        src_xyxy, tgt_xyxy = box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
         loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_boxes
-        giou = generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
-                                   box_convert(tgt_boxes, "cxcywh", "xyxy"))
-        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
-        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        loss_giou = (1 - torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy))).sum() / num_boxes
+
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, matched_labels] = 1
+        if self.class_loss == "focal":
+            loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="sum")
+        else:
+            quality = torch.zeros_like(logits)
+            quality[batch_idx, query_idx, matched_labels] = torch.diag(box_iou(src_xyxy, tgt_xyxy)).detach()
+            loss_ce = varifocal_loss(logits, onehot.bool(), quality)
+        return {"loss_ce": loss_ce / num_boxes, "loss_bbox": loss_bbox, "loss_giou": loss_giou}

@@ -190,7 +190,7 @@ class SparseDETR(nn.Module):
         matcher = HungarianMatcher(cost_class=sd.SET_COST_CLASS, cost_bbox=sd.SET_COST_BBOX,
                                    cost_giou=sd.SET_COST_GIOU, focal_alpha=sd.FOCAL_ALPHA)
         criterion = SetCriterion(sd.NUM_CLASSES, matcher, focal_alpha=sd.FOCAL_ALPHA,
-                                 enc_class_specific=sd.EFF_SPECIFIC_HEAD)
+                                 enc_class_specific=sd.EFF_SPECIFIC_HEAD, class_loss=sd.CLASS_LOSS)
         weight_dict = build_weight_dict(
             sd.CLS_LOSS_COEF, sd.BBOX_LOSS_COEF, sd.GIOU_LOSS_COEF, sd.MASK_PREDICTION_COEF,
             dec_layers=sd.DEC_LAYERS if sd.AUX_LOSS else 1, two_stage=sd.TWO_STAGE,
