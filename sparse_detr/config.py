@@ -71,6 +71,13 @@ def add_sparse_detr_config(cfg):
     sd.ONE_TO_MANY_QUERIES = 0
     sd.ONE_TO_MANY_REPEATS = 6
     sd.ONE_TO_MANY_LOSS_WEIGHT = 1.0
+    # Denoising training queries (DN-DETR; not in the paper, off by default; see
+    # sparse_detr/modeling/denoising.py): this many groups of ground-truth boxes jittered by up to
+    # DN_BOX_NOISE_SCALE of their size, labels replaced by a random class with probability
+    # DN_LABEL_NOISE_RATIO, each query supervised by its own object. Training only; DN-DETR's defaults.
+    sd.DN_GROUPS = 0
+    sd.DN_BOX_NOISE_SCALE = 0.4
+    sd.DN_LABEL_NOISE_RATIO = 0.2
     # Run the encoder auxiliary heads at inference too (the official code does; costs FLOPs).
     sd.ENC_AUX_HEADS_AT_INFERENCE = False
     # Run the model's float32 linear layers through oneDNN in CPU inference (sparse_detr.layers.onednn_linear:

@@ -9,10 +9,11 @@ from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
 __all__ = ["SetCriterion", "build_weight_dict", "varifocal_loss", "LOSS_NAMES", "ONE_TO_MANY_SUFFIX",
-           "CLASS_LOSSES"]
+           "DENOISING_SUFFIX", "CLASS_LOSSES"]
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 ONE_TO_MANY_SUFFIX = "_one2many"  # losses of the one-to-many query group (sparse_detr/modeling/one_to_many.py)
+DENOISING_SUFFIX = "_dn"  # losses of the denoising query groups (sparse_detr/modeling/denoising.py)
 # Classification losses (MODEL.SPARSE_DETR.CLASS_LOSS): "focal" is the official sigmoid focal loss with
 # 0/1 targets; "varifocal" trains the matched query's score towards the IoU of its box (IoU-aware scores).
 CLASS_LOSSES = ("focal", "varifocal")
@@ -21,7 +22,7 @@ VARIFOCAL_ALPHA, VARIFOCAL_GAMMA = 0.75, 2.0  # the VarifocalNet paper's default
 
 def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: float,
                       dec_layers: int, two_stage: bool, enc_aux_layers: int,
-                      one_to_many_weight: float = 0.0) -> Dict[str, float]:
+                      one_to_many_weight: float = 0.0, denoising: bool = False) -> Dict[str, float]:
     """The official loss weights for every loss the criterion and the scoring loss produce.
 
     Args:
@@ -31,6 +32,8 @@ def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: flo
         enc_aux_layers: number of encoder auxiliary heads (suffixes `_enc_0 ..`); 0 when off.
         one_to_many_weight: > 0 adds the decoder losses of the one-to-many query group (names with
             ONE_TO_MANY_SUFFIX after the decoder suffix), each weighted by this factor times its own weight.
+        denoising: add the decoder losses of the denoising groups (names with DENOISING_SUFFIX after the
+            decoder suffix), with the same weights as the matching queries' (DN-DETR).
     Returns:
         {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou, "loss_ce_0": cls, ...,
         "loss_mask_prediction": mask_prediction}
@@ -42,6 +45,8 @@ def build_weight_dict(cls: float, bbox: float, giou: float, mask_prediction: flo
     if one_to_many_weight > 0:
         weights.update({k + s + ONE_TO_MANY_SUFFIX: w * one_to_many_weight
                         for s in decoder_suffixes for k, w in base.items()})
+    if denoising:
+        weights.update({k + s + DENOISING_SUFFIX: w for s in decoder_suffixes for k, w in base.items()})
     weights["loss_mask_prediction"] = mask_prediction
     return weights
 
@@ -100,12 +105,15 @@ class SetCriterion(nn.Module):
             raise ValueError(f"MODEL.SPARSE_DETR.CLASS_LOSS={class_loss!r}; allowed: {list(CLASS_LOSSES)}")
         self.class_loss = class_loss
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]],
+                indices: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: "pred_logits", "pred_boxes", and optionally "aux_outputs" (list of sets),
                 "enc_outputs" (one set), "aux_outputs_enc" (list of sets).
             targets: B dicts with "labels" (n_i,) int64 in [0, C) and "boxes" (n_i, 4) cxcywh in [0, 1].
+            indices: per image (query indices, target indices) used for every set instead of matching
+                (the denoising queries, whose targets are known).
         Returns:
             unweighted losses: loss_{ce,bbox,giou} with suffixes "", "_{i}", "_enc", "_enc_{i}".
         """
@@ -120,7 +128,7 @@ class SetCriterion(nn.Module):
 
         losses = {}
         for suffix, preds, tgts in sets:
-            losses.update({k + suffix: v for k, v in self.set_losses(preds, tgts, num_boxes).items()})
+            losses.update({k + suffix: v for k, v in self.set_losses(preds, tgts, num_boxes, indices).items()})
         return losses
 
     def set_losses(self, preds: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],

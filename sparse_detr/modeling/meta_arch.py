@@ -15,7 +15,8 @@ from torchvision.ops import box_convert
 
 from ..layers.onednn_linear import use_onednn_linears
 from ..layers.position_encoding import PositionEmbeddingSine
-from .criterion import ONE_TO_MANY_SUFFIX, SetCriterion, build_weight_dict
+from .criterion import DENOISING_SUFFIX, ONE_TO_MANY_SUFFIX, SetCriterion, build_weight_dict
+from .denoising import denoising_indices, denoising_self_attn_mask, noised_ground_truth
 from .dam import check_dam_convention
 from .matcher import HungarianMatcher
 from .one_to_many import group_self_attn_mask, repeat_targets, split_query_groups
@@ -63,6 +64,19 @@ def validate_sparse_detr_config(cfg) -> None:
     if sd.ONE_TO_MANY_QUERIES > 0 and not sd.TWO_STAGE:
         raise ValueError(f"{key}ONE_TO_MANY_QUERIES={sd.ONE_TO_MANY_QUERIES} needs two-stage queries: set "
                          f"{key}TWO_STAGE=True or {key}ONE_TO_MANY_QUERIES=0")
+    if sd.DN_GROUPS < 0:
+        raise ValueError(f"{key}DN_GROUPS={sd.DN_GROUPS} must be >= 0 (0: off)")
+    if sd.DN_GROUPS > 0:
+        if not sd.TWO_STAGE:
+            raise ValueError(f"{key}DN_GROUPS={sd.DN_GROUPS} needs two-stage queries (box references): set "
+                             f"{key}TWO_STAGE=True or {key}DN_GROUPS=0")
+        if sd.ONE_TO_MANY_QUERIES > 0:
+            raise ValueError(f"{key}DN_GROUPS={sd.DN_GROUPS} and {key}ONE_TO_MANY_QUERIES="
+                             f"{sd.ONE_TO_MANY_QUERIES} cannot be combined: set one of them to 0")
+        if sd.DN_BOX_NOISE_SCALE < 0:
+            raise ValueError(f"{key}DN_BOX_NOISE_SCALE={sd.DN_BOX_NOISE_SCALE} must be >= 0")
+        if not 0 <= sd.DN_LABEL_NOISE_RATIO <= 1:
+            raise ValueError(f"{key}DN_LABEL_NOISE_RATIO={sd.DN_LABEL_NOISE_RATIO} is outside [0, 1]")
     if sd.ONE_TO_MANY_QUERIES > 0 and sd.ONE_TO_MANY_LOSS_WEIGHT <= 0:
         raise ValueError(f"{key}ONE_TO_MANY_LOSS_WEIGHT={sd.ONE_TO_MANY_LOSS_WEIGHT} must be > 0 when "
                          f"{key}ONE_TO_MANY_QUERIES > 0")
@@ -104,7 +118,8 @@ class SparseDETR(nn.Module):
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False,
-                 cpu_onednn_linear: bool = True, one_to_many_queries: int = 0, one_to_many_repeats: int = 6):
+                 cpu_onednn_linear: bool = True, one_to_many_queries: int = 0, one_to_many_repeats: int = 6,
+                 dn_groups: int = 0, dn_box_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.2):
         """
         Args:
             backbone: gives `in_features` (strides increasing). transformer: see SparseDeformableTransformer.
@@ -121,6 +136,8 @@ class SparseDETR(nn.Module):
             one_to_many_queries, one_to_many_repeats: (two-stage, training only) extra queries matched to
                 the ground truth repeated `one_to_many_repeats` times (see one_to_many.py); their losses
                 need `weight_dict` entries with ONE_TO_MANY_SUFFIX (build_weight_dict's one_to_many_weight).
+            dn_groups, dn_box_noise_scale, dn_label_noise_ratio: (two-stage, training only) denoising query
+                groups (see denoising.py); their losses need `weight_dict` entries with DENOISING_SUFFIX.
         """
         super().__init__()
         self.backbone = backbone
@@ -140,6 +157,9 @@ class SparseDETR(nn.Module):
         self.test_dam_correlation = test_dam_correlation
         self.one_to_many_queries = one_to_many_queries
         self.one_to_many_repeats = one_to_many_repeats
+        self.dn_groups = dn_groups
+        self.dn_box_noise_scale = dn_box_noise_scale
+        self.dn_label_noise_ratio = dn_label_noise_ratio
         # Stored for images scaled by 1/255 (divided in float64: exactly torchvision's Normalize constants).
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64).div(255).float().view(-1, 1, 1), False)
@@ -175,6 +195,8 @@ class SparseDETR(nn.Module):
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+        if dn_groups > 0:  # content of the denoising queries: one embedding per class
+            self.dn_label_embed = nn.Embedding(num_classes, d_model)
         if cpu_onednn_linear:
             use_onednn_linears(self)
 
@@ -195,7 +217,8 @@ class SparseDETR(nn.Module):
             sd.CLS_LOSS_COEF, sd.BBOX_LOSS_COEF, sd.GIOU_LOSS_COEF, sd.MASK_PREDICTION_COEF,
             dec_layers=sd.DEC_LAYERS if sd.AUX_LOSS else 1, two_stage=sd.TWO_STAGE,
             enc_aux_layers=sd.ENC_LAYERS - 1 if sd.USE_ENC_AUX_LOSS else 0,
-            one_to_many_weight=sd.ONE_TO_MANY_LOSS_WEIGHT if sd.ONE_TO_MANY_QUERIES > 0 else 0.0)
+            one_to_many_weight=sd.ONE_TO_MANY_LOSS_WEIGHT if sd.ONE_TO_MANY_QUERIES > 0 else 0.0,
+            denoising=sd.DN_GROUPS > 0)
         return {
             "backbone": backbone, "in_features": sd.IN_FEATURES, "transformer": SparseDeformableTransformer(cfg),
             "criterion": criterion, "weight_dict": weight_dict, "num_classes": sd.NUM_CLASSES,
@@ -206,7 +229,8 @@ class SparseDETR(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE, "test_dam_correlation": sd.TEST_DAM_CORRELATION,
             "cpu_onednn_linear": sd.CPU_ONEDNN_LINEAR, "one_to_many_queries": sd.ONE_TO_MANY_QUERIES,
-            "one_to_many_repeats": sd.ONE_TO_MANY_REPEATS,
+            "one_to_many_repeats": sd.ONE_TO_MANY_REPEATS, "dn_groups": sd.DN_GROUPS,
+            "dn_box_noise_scale": sd.DN_BOX_NOISE_SCALE, "dn_label_noise_ratio": sd.DN_LABEL_NOISE_RATIO,
         }
 
     @property
@@ -305,26 +329,39 @@ class SparseDETR(nn.Module):
             out["aux_outputs"] = preds[:-1]
         return out
 
-    def run(self, images: ImageList, rho: float, with_enc_aux: bool, raw: bool = False) -> Dict:
+    def run(self, images: ImageList, rho: float, with_enc_aux: bool, raw: bool = False,
+            targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict:
         """The whole network on preprocessed images; returns the raw output dict (see `forward_raw`).
-        In eval mode without `raw`, the decoder's auxiliary outputs are not computed. In training with
-        one-to-many queries, their predictions are under "one_to_many_outputs" ("pred_logits",
-        "pred_boxes", "aux_outputs"); every other key is about the one-to-one queries only."""
+        In eval mode without `raw`, the decoder's auxiliary outputs are not computed. In training, the
+        predictions of the extra query groups are under "one_to_many_outputs" (one-to-many queries) or
+        "denoising_outputs" (denoising queries, built from `targets`; with "denoising_group_size"), each
+        with "pred_logits", "pred_boxes", "aux_outputs"; every other key is about the one-to-one queries."""
         x = self.pre_transformer(images)
         enc = self.forward_encoder(x, rho, with_enc_aux, return_sampling=raw)
         extra = self.one_to_many_queries if self.training else 0
         queries = self.pre_decoder(x, enc["memory"], extra)
         num_total = queries["tgt"].shape[1]
         num_one_to_one = min(self.num_queries, num_total)
-        mask = group_self_attn_mask(num_one_to_one, num_total, images.tensor.device) if extra else None
+        device = images.tensor.device
+        mask = group_self_attn_mask(num_one_to_one, num_total, device) if extra else None
+        dn_group_size = 0
+        if self.training and self.dn_groups > 0 and targets is not None:
+            labels, boxes, dn_group_size = noised_ground_truth(targets, self.dn_groups, self.dn_box_noise_scale,
+                                                               self.dn_label_noise_ratio, self.num_classes)
+            dn = self.transformer.denoising_queries(self.dn_label_embed(labels).to(queries["tgt"].dtype), boxes)
+            queries = {k: torch.cat([queries[k], dn[k].to(queries[k].dtype)], 1) for k in dn}
+            mask = denoising_self_attn_mask(num_total, self.dn_groups, dn_group_size, device)
         dec = self.forward_decoder(x, enc["memory"], queries, mask)
-        dec_many = None
-        if num_total > num_one_to_one:
-            dec, dec_many = split_query_groups(dec, num_one_to_one)
+        dec_extra = None
+        if queries["tgt"].shape[1] > num_one_to_one:
+            dec, dec_extra = split_query_groups(dec, num_one_to_one)
         # inference needs only the last layer's heads (the loss and the official output dict need all)
         out = self.forward_heads(dec, all_layers=self.aux_loss and (self.training or raw))
-        if dec_many is not None:
-            out["one_to_many_outputs"] = self.forward_heads(dec_many, all_layers=self.aux_loss)
+        if dec_extra is not None:
+            name = "denoising_outputs" if dn_group_size else "one_to_many_outputs"
+            out[name] = self.forward_heads(dec_extra, all_layers=self.aux_loss)
+            if dn_group_size:
+                out["denoising_group_size"] = dn_group_size
         for key in ("backbone_mask_prediction", "backbone_topk_proposals", "sparse_token_nums",
                     "sampling_locations_enc", "attn_weights_enc"):
             if key in enc:
@@ -372,8 +409,8 @@ class SparseDETR(nn.Module):
         images = self.preprocess_image(batched_inputs)
         rho = self.current_rho()
         if self.training:
-            out = self.run(images, rho, with_enc_aux=True)
             targets = self.prepare_targets(batched_inputs, images)
+            out = self.run(images, rho, with_enc_aux=True, targets=targets)
             # Under autocast (SOLVER.AMP.ENABLED) the matching and the losses still run in float32.
             with torch.autocast(images.tensor.device.type, enabled=False):
                 losses = self.losses(to_float32(out), targets)
@@ -407,6 +444,10 @@ class SparseDETR(nn.Module):
         if "one_to_many_outputs" in out:
             many = self.criterion(out["one_to_many_outputs"], repeat_targets(targets, self.one_to_many_repeats))
             losses.update({k + ONE_TO_MANY_SUFFIX: v for k, v in many.items()})
+        if "denoising_outputs" in out:
+            indices = denoising_indices(targets, self.dn_groups, out["denoising_group_size"])
+            dn = self.criterion(out["denoising_outputs"], repeat_targets(targets, self.dn_groups), indices)
+            losses.update({k + DENOISING_SUFFIX: v for k, v in dn.items()})
         if "backbone_mask_prediction" in out:
             scorer = self.transformer.enc_mask_predictor
             out = {**out, **scorer.compute_target(out, targets)}

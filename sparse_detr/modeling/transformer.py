@@ -12,7 +12,7 @@ from ..layers.position_encoding import box_sine_embedding
 from .decoder import Decoder
 from .encoder import SparseEncoder
 from .token_scoring import build_token_scorer
-from .utils import encoder_anchors, encoder_reference_points, valid_ratio
+from .utils import encoder_anchors, encoder_reference_points, inverse_sigmoid, valid_ratio
 
 __all__ = ["SparseDeformableTransformer", "select_tokens"]
 
@@ -182,7 +182,7 @@ class SparseDeformableTransformer(nn.Module):
         fg_score = logits.max(-1).values if self.eff_specific_head else logits[..., 0]
         topk = fg_score.topk(min(self.num_queries + extra_queries, fg_score.shape[1]), dim=1).indices
         topk_coords_unact = coords_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
-        pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, self.d_model // 2)))
+        pos_trans_out = self.box_query_embedding(topk_coords_unact)
         if self.eff_query_init:
             query_pos = pos_trans_out
             tgt = memory.gather(1, topk[..., None].expand(-1, -1, memory.shape[-1]))
@@ -191,6 +191,17 @@ class SparseDeformableTransformer(nn.Module):
         return {"tgt": tgt, "query_pos": query_pos, "reference_points": topk_coords_unact.sigmoid(),
                 "enc_outputs": {"pred_logits": logits, "pred_boxes": coords_unact.sigmoid()},
                 "topk_proposals": topk}
+
+    def box_query_embedding(self, coords_unact: torch.Tensor) -> torch.Tensor:
+        """(two-stage) pos_trans_norm(pos_trans(sine embedding)) of (B, Q, 4) inverse-sigmoid boxes: (B, Q, C)
+        query positions with eff_query_init, else (B, Q, 2C) positions and contents."""
+        return self.pos_trans_norm(self.pos_trans(box_sine_embedding(coords_unact, self.d_model // 2)))
+
+    def denoising_queries(self, contents: torch.Tensor, boxes: torch.Tensor) -> Dict:
+        """(two-stage) Decoder queries at given boxes (denoising.py): contents (B, Q, C), boxes (B, Q, 4)
+        cxcywh in [0, 1]; returns "tgt", "query_pos" (B, Q, C), "reference_points" (B, Q, 4)."""
+        query_pos = self.box_query_embedding(inverse_sigmoid(boxes))[..., :self.d_model]
+        return {"tgt": contents, "query_pos": query_pos, "reference_points": boxes}
 
     def forward_decoder(self, x: Dict, memory: torch.Tensor, queries: Dict,
                         bbox_heads: Optional[List[nn.Module]] = None,
