@@ -84,6 +84,7 @@ def test_training_losses_are_the_known_assignment_losses_and_reach_the_label_emb
 
     with EventStorage():
         losses = model(inputs)
+    assert set(build_weight_dict(2, 5, 2, 1, dec_layers=2, two_stage=True, enc_aux_layers=1, denoising=True)) == set(losses)
     extra = {k for k in losses if k.endswith("_dn")}
     assert extra == {f"loss_{n}{s}_dn" for n in ("ce", "bbox", "giou") for s in ("", "_0")}
     assert all(torch.isfinite(v) for v in losses.values())
@@ -109,7 +110,8 @@ def test_matching_queries_compute_the_same_with_and_without_denoising_and_infere
     targets = model.prepare_targets(inputs, images)
     with_dn = model.run(images, model.rho, with_enc_aux=True, targets=targets)
     without = model.run(images, model.rho, with_enc_aux=True)
-    assert "denoising_outputs" not in without
+    assert "denoising_outputs" not in without and set(with_dn) - set(without) == {"denoising_outputs", "denoising_group_size"}
+    torch.testing.assert_close(with_dn["enc_outputs"], without["enc_outputs"])
     for key in ("pred_logits", "pred_boxes", "sampling_locations_dec", "attn_weights_dec"):
         torch.testing.assert_close(with_dn[key], without[key])
     model.eval()

@@ -349,7 +349,7 @@ class SparseDETR(nn.Module):
             labels, boxes, dn_group_size = noised_ground_truth(targets, self.dn_groups, self.dn_box_noise_scale,
                                                                self.dn_label_noise_ratio, self.num_classes)
             dn = self.transformer.denoising_queries(self.dn_label_embed(labels).to(queries["tgt"].dtype), boxes)
-            queries = {k: torch.cat([queries[k], dn[k].to(queries[k].dtype)], 1) for k in dn}
+            queries = {**queries, **{k: torch.cat([queries[k], dn[k].to(queries[k].dtype)], 1) for k in dn}}
             mask = denoising_self_attn_mask(num_total, self.dn_groups, dn_group_size, device)
         dec = self.forward_decoder(x, enc["memory"], queries, mask)
         dec_extra = None
