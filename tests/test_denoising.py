@@ -71,12 +71,18 @@ def test_weight_dict_adds_the_decoder_losses_with_their_own_weights():
     assert extra == {f"loss_{n}{s}_dn": w for n, w in (("ce", 2), ("bbox", 5), ("giou", 2)) for s in ("", "_0", "_1")}
 
 
-def test_training_losses_are_the_known_assignment_losses_and_reach_the_label_embedding():
+def _model_and_batch(num_boxes):
+    """A tiny training-mode model with denoising, two images with `num_boxes` objects each: model,
+    inputs, preprocessed images, targets."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg(**DENOISING)).train()
-    inputs = make_inputs([(64, 96), (80, 64)], num_boxes=3)
+    inputs = make_inputs([(64, 96), (80, 64)], num_boxes=num_boxes)
     images = model.preprocess_image(inputs)
-    targets = model.prepare_targets(inputs, images)
+    return model, inputs, images, model.prepare_targets(inputs, images)
+
+
+def test_training_losses_are_the_known_assignment_losses_and_reach_the_label_embedding():
+    model, inputs, images, targets = _model_and_batch(num_boxes=3)
     out = model.run(images, model.rho, with_enc_aux=True, targets=targets)
     assert out["pred_logits"].shape[1] == 10 and out["sampling_locations_dec"].shape[2] == 10
     dn = out["denoising_outputs"]
@@ -103,11 +109,7 @@ def test_training_losses_are_the_known_assignment_losses_and_reach_the_label_emb
 
 
 def test_matching_queries_compute_the_same_with_and_without_denoising_and_inference_has_none():
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg(**DENOISING)).train()
-    inputs = make_inputs([(64, 96), (80, 64)], num_boxes=2)
-    images = model.preprocess_image(inputs)
-    targets = model.prepare_targets(inputs, images)
+    model, _, images, targets = _model_and_batch(num_boxes=2)
     with_dn = model.run(images, model.rho, with_enc_aux=True, targets=targets)
     without = model.run(images, model.rho, with_enc_aux=True)
     assert "denoising_outputs" not in without and set(with_dn) - set(without) == {"denoising_outputs", "denoising_group_size"}
