@@ -104,9 +104,11 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_CROP_SIZE = [384, 600]
     cfg.INPUT.DETR_CROP_PROB = 0.5  # probability of the crop branch (official 0.5; 0 never crops)
     # Extras for overhead imagery (off officially): rotations by multiples of 90 degrees, colour jitter
-    # strength (0 = off). INPUT.RANDOM_FLIP also takes "both" (horizontal and vertical flips).
+    # strength (0 = off), hue jitter in degrees (0 = off). INPUT.RANDOM_FLIP also takes "both"
+    # (horizontal and vertical flips).
     cfg.INPUT.DETR_ROTATE_90 = False
     cfg.INPUT.DETR_COLOR_JITTER = 0.0
+    cfg.INPUT.DETR_HUE_JITTER = 0.0
 
     # Test-time augmentation (sparse_detr/modeling/test_time_augmentation.py), with Detectron2's keys
     # TEST.AUG.ENABLED / MIN_SIZES / MAX_SIZE / FLIP and two more: rotations by 0/90/180/270 degrees, and

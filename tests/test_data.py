@@ -12,7 +12,9 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.data import DetrDatasetMapper, RandomSelect, build_dataset_mapper, build_detr_train_augmentation
+from sparse_detr.data import (
+    DetrDatasetMapper, RandomHueRotation, RandomSelect, build_dataset_mapper, build_detr_train_augmentation,
+)
 from sparse_detr.data.datasets.deepforest import (
     DEEPFOREST_SPLITS,
     clip_boxes_to_window,
@@ -195,12 +197,41 @@ def test_random_flip_both_and_bad_value():
         build_detr_train_augmentation(_cfg(RANDOM_FLIP="diagonal"))
     with pytest.raises(ValueError, match="INPUT.DETR_COLOR_JITTER"):
         build_detr_train_augmentation(_cfg(DETR_COLOR_JITTER=1.0))
+    with pytest.raises(ValueError, match=r"INPUT.DETR_HUE_JITTER=200.0 must be in \[0, 180\]"):
+        build_detr_train_augmentation(_cfg(DETR_HUE_JITTER=200.0))
+
+
+def _hue_degrees(rgb):
+    import colorsys
+    return 360.0 * colorsys.rgb_to_hsv(*(np.asarray(rgb, np.float64) / 255.0))[0]
+
+
+@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
+def test_hue_rotation_turns_hue_and_keeps_greys(image_format):
+    """A fixed 30-degree turn (the range's end, drawn by a patched sampler): greys stay, a saturated
+    green moves by about 30 degrees of HSV hue (YIQ and HSV hues differ a little), in either channel order."""
+    pixels = np.array([[[128, 128, 128], [40, 160, 40], [200, 200, 200]]], np.uint8)  # RGB
+    aug = RandomHueRotation(30.0, image_format)
+    aug._rand_range = lambda low, high: high
+    image = pixels if image_format == "RGB" else pixels[..., ::-1].copy()
+    out = aug.get_transform(image).apply_image(image)
+    out = out if image_format == "RGB" else out[..., ::-1]
+    assert out.dtype == np.uint8
+    np.testing.assert_allclose(out[0, [0, 2]], pixels[0, [0, 2]], atol=1)
+    turned = (_hue_degrees(out[0, 1]) - _hue_degrees(pixels[0, 1]) + 180) % 360 - 180
+    assert 20 < abs(turned) < 40
+    aug._rand_range = lambda low, high: low  # the opposite end turns the other way
+    back = aug.get_transform(image).apply_image(image)
+    back = back if image_format == "RGB" else back[..., ::-1]
+    assert np.sign((_hue_degrees(back[0, 1]) - _hue_degrees(pixels[0, 1]) + 180) % 360 - 180) == -np.sign(turned)
+    with pytest.raises(ValueError, match="RGB or BGR"):
+        RandomHueRotation(10.0, "L")
 
 
 def test_rotate_90_and_colour_jitter_keep_boxes_on_their_pixels(tmp_path):
     """Through the mapper, with every orientation: each box still frames its white rectangle."""
     cfg = _cfg(DETR_RESIZE_MIN_SIZES=[90], DETR_RESIZE_MAX_SIZE=1000, DETR_CROP_PROB=0.0, RANDOM_FLIP="both",
-               DETR_ROTATE_90=True, DETR_COLOR_JITTER=0.2)
+               DETR_ROTATE_90=True, DETR_COLOR_JITTER=0.2, DETR_HUE_JITTER=20.0)
     mapper = DetrDatasetMapper(cfg, is_train=True)
     image = np.zeros((90, 120, 3), np.uint8)
     image[10:30, 10:40] = 255  # the first annotation's box (XYXY 10, 10, 40, 30)

@@ -2,9 +2,10 @@
 import sys
 from typing import List
 
+import numpy as np
 from detectron2.data import transforms as T
 
-__all__ = ["RandomSelect", "build_detr_train_augmentation"]
+__all__ = ["RandomSelect", "RandomHueRotation", "build_detr_train_augmentation"]
 
 
 class RandomSelect(T.Augmentation):
@@ -19,6 +20,39 @@ class RandomSelect(T.Augmentation):
     def __call__(self, aug_input):
         chosen = self.first if self._rand_range() < self.prob else self.second
         return chosen(aug_input)
+
+
+# RGB <-> YIQ (NTSC): Y is the luma, (I, Q) the chroma plane, in which a rotation turns the hue.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+class RandomHueRotation(T.Augmentation):
+    """Turn the hue of the whole image by an angle drawn uniformly from [-max_degrees, max_degrees]: a
+    rotation of the chroma plane in YIQ space, which keeps the luma and greys. One 3x3 colour matrix
+    per image, so it is cheaper than a round trip through HSV; values are clipped to [0, 255].
+    `image_format` is the channel order of the images it gets ("RGB" or "BGR")."""
+
+    def __init__(self, max_degrees: float, image_format: str = "RGB"):
+        super().__init__()
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"RandomHueRotation needs an RGB or BGR image, got INPUT.FORMAT={image_format!r}")
+        self.max_degrees = max_degrees
+        self.image_format = image_format
+
+    def get_transform(self, image):
+        theta = np.deg2rad(self._rand_range(-self.max_degrees, self.max_degrees))
+        cos, sin = np.cos(theta), np.sin(theta)
+        rotate_chroma = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+        matrix = _YIQ_TO_RGB @ rotate_chroma @ _RGB_TO_YIQ  # acts on RGB column vectors
+        if self.image_format == "BGR":
+            matrix = matrix[::-1, ::-1]
+        matrix = matrix.T.astype(np.float32)  # for row vectors: pixels (H, W, 3) @ matrix
+
+        def turn_hue(img: np.ndarray) -> np.ndarray:
+            return np.clip(img.astype(np.float32) @ matrix, 0, 255).astype(img.dtype)
+
+        return T.ColorTransform(turn_hue)
 
 
 FLIP_MODES = ("horizontal", "vertical", "both", "none")
@@ -44,13 +78,17 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
     DETR_RESIZE_MAX_SIZE (the multi-scale resize), INPUT.DETR_CROP_PRE_SIZES (shortest edge before the
     crop, no max size), INPUT.DETR_CROP_SIZE (min, max crop height and width, sampled independently),
     INPUT.DETR_CROP_PROB, INPUT.DETR_ROTATE_90, INPUT.DETR_COLOR_JITTER (s: brightness, contrast and
-    saturation each scaled by a factor drawn from [1 - s, 1 + s]; 0 is off).
+    saturation each scaled by a factor drawn from [1 - s, 1 + s]; 0 is off), INPUT.DETR_HUE_JITTER
+    (degrees: the hue turned by an angle drawn from [-d, d], `RandomHueRotation`; 0 is off).
     """
     crop_prob, jitter = cfg.INPUT.DETR_CROP_PROB, cfg.INPUT.DETR_COLOR_JITTER
+    hue_degrees = cfg.INPUT.DETR_HUE_JITTER
     if not 0.0 <= crop_prob <= 1.0:
         raise ValueError(f"INPUT.DETR_CROP_PROB={crop_prob} must be in [0, 1]")
     if not 0.0 <= jitter < 1.0:
         raise ValueError(f"INPUT.DETR_COLOR_JITTER={jitter} must be in [0, 1)")
+    if not 0.0 <= hue_degrees <= 180.0:
+        raise ValueError(f"INPUT.DETR_HUE_JITTER={hue_degrees} must be in [0, 180] (degrees)")
     resize = T.ResizeShortestEdge(
         cfg.INPUT.DETR_RESIZE_MIN_SIZES, cfg.INPUT.DETR_RESIZE_MAX_SIZE, sample_style="choice"
     )
@@ -67,4 +105,6 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
     if jitter > 0:
         low, high = 1.0 - jitter, 1.0 + jitter
         augs += [T.RandomBrightness(low, high), T.RandomContrast(low, high), T.RandomSaturation(low, high)]
+    if hue_degrees > 0:
+        augs.append(RandomHueRotation(hue_degrees, cfg.INPUT.FORMAT))
     return augs
