@@ -18,6 +18,8 @@ from sparse_detr.data import (
 from sparse_detr.data.datasets.deepforest import (
     DEEPFOREST_SPLITS,
     clip_boxes_to_window,
+    in_training_split,
+    photograph_of_tile,
     prepare_deepforest,
     register_deepforest,
     tile_windows,
@@ -165,6 +167,13 @@ def test_deepforest_split_is_geographic():
                     assert not _overlap(tw, vw)
 
 
+def test_photograph_of_tile_reads_tile_names():
+    assert photograph_of_tile("2019_YELL_2_541000_4977000_image_crop_x849_y400.png") == \
+        "2019_YELL_2_541000_4977000_image_crop"
+    with pytest.raises(ValueError, match="not a DeepForest tile name"):
+        photograph_of_tile("OSBS_029.png")
+
+
 def test_prepare_and_register_deepforest(tmp_path):
     root = str(tmp_path / "deepforest")
     stats = prepare_deepforest(root)
@@ -174,7 +183,11 @@ def test_prepare_and_register_deepforest(tmp_path):
     mtime = os.path.getmtime(json_path)
     assert prepare_deepforest(root) == stats and os.path.getmtime(json_path) == mtime  # idempotent
     with open(json_path) as f:
-        assert json.load(f)["categories"] == [{"id": 1, "name": "tree"}]
+        val = json.load(f)
+    assert val["categories"] == [{"id": 1, "name": "tree"}]
+    photographs = {photograph_of_tile(image["file_name"]) for image in val["images"]}
+    assert photographs == {name for name, _ in DEEPFOREST_SPLITS["val"]}
+    assert {p for p in photographs if not in_training_split(p)} == {"OSBS_029"}  # the unseen site
 
     DatasetCatalog.remove("deepforest_trees_val")  # registered at import under datasets/
     MetadataCatalog.remove("deepforest_trees_val")

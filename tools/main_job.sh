@@ -12,7 +12,8 @@
 #    is run again) and evaluates the validation split with COCOEvaluator;
 # 4. draws detections (of the test-time-augmented model when TEST.AUG.ENABLED) and the scoring network's
 #    token selection on every validation tile;
-# 5. prints AP, AP50 and the wall time of training + evaluation.
+# 5. prints AP, AP50 and the wall time of training + evaluation, and the AP50 of each source photograph
+#    (also in ap_by_photograph.json).
 # Everything goes to output/main_job/<config name>/ (or to an OUTPUT_DIR given among the overrides).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,13 +61,29 @@ PY
     --output "$OUT/pictures" --confidence-threshold 0.3 $demo_flags \
     --opts MODEL.WEIGHTS "$OUT/model_final.pth" "$@"
 
-"$PY" - "$OUT/metrics.json" "$wall" "$CONFIG" <<'PY'
-import json, sys
-path, wall, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-with open(path) as f:
+"$PY" - "$OUT" "$wall" "$CONFIG" <<'PY'
+import json, os, sys
+from detectron2.data import MetadataCatalog
+import sparse_detr.data  # registers the DeepForest splits
+from sparse_detr.data.datasets.deepforest import in_training_split, photograph_of_tile
+from sparse_detr.evaluation import coco_ap_by_group
+out, wall, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with open(os.path.join(out, "metrics.json")) as f:
     last = [m for m in map(json.loads, f) if "bbox/AP" in m][-1]
 tta = (f"; with test-time augmentation (TEST.AUG): AP {last['bbox_TTA/AP']:.1f}  AP50 {last['bbox_TTA/AP50']:.1f}"
        if "bbox_TTA/AP" in last else "")
 print(f"[main_job] {config}: AP {last['bbox/AP']:.1f}  AP50 {last['bbox/AP50']:.1f}{tta}  "
       f"(COCO, deepforest_trees_val)  train+eval wall time {wall // 60} min {wall % 60:02d} s")
+# AP50 per photograph: where the points are won and lost (one photograph's site is absent from training)
+breakdown = {}
+for kind, folder in (("plain", "inference"), ("TTA", "inference_TTA")):
+    results = os.path.join(out, folder, "coco_instances_results.json")
+    if os.path.exists(results):
+        gt_json = MetadataCatalog.get("deepforest_trees_val").json_file
+        breakdown[kind] = coco_ap_by_group(gt_json, results, photograph_of_tile)
+        print(f"[main_job] AP50 per photograph ({kind}): " + ";  ".join(
+            f"{name} {r['AP50']:.1f} ({r['images']} tile{'s' * (r['images'] != 1)}, {r['boxes']} trees"
+            f"{'' if in_training_split(name) else ', a site unseen in training'})" for name, r in breakdown[kind].items()))
+with open(os.path.join(out, "ap_by_photograph.json"), "w") as f:
+    json.dump(breakdown, f, indent=1)
 PY

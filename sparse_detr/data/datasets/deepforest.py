@@ -28,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional, Tuple
 
@@ -44,6 +45,8 @@ __all__ = [
     "clip_boxes_to_window",
     "prepare_deepforest",
     "register_deepforest",
+    "photograph_of_tile",
+    "in_training_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,23 @@ def clip_boxes_to_window(
     return clipped[keep] - np.array([x0, y0, x0, y0], dtype=np.float32)
 
 
+def _tile_file_name(photograph: str, window: Window) -> str:
+    return f"{photograph}_x{window[0]}_y{window[1]}.png"
+
+
+def photograph_of_tile(file_name: str) -> str:
+    """The photograph a tile was cut from, from the tile's file name ("<photograph>_x<x0>_y<y0>.png")."""
+    match = re.fullmatch(r"(.+)_x\d+_y\d+\.png", os.path.basename(file_name))
+    if match is None:
+        raise ValueError(f"{file_name!r} is not a DeepForest tile name (<photograph>_x<x0>_y<y0>.png)")
+    return match.group(1)
+
+
+def in_training_split(photograph: str) -> bool:
+    """Whether any part of `photograph` is in the training split (False: a site unseen in training)."""
+    return any(name == photograph for name, _ in DEEPFOREST_SPLITS["train"])
+
+
 def _json_path(root: str, split: str) -> str:
     return os.path.join(root, "annotations", f"deepforest_{split}.json")
 
@@ -153,7 +173,7 @@ def _write_split(root: str, split: str, source_dir: str) -> Dict[str, int]:
         boxes = read_voc_boxes(os.path.join(source_dir, name + ".xml"))
         region = region or (0, 0, photo.width, photo.height)
         for window in tile_windows(region):
-            file_name = f"{name}_x{window[0]}_y{window[1]}.png"
+            file_name = _tile_file_name(name, window)
             photo.crop(window).save(os.path.join(image_dir, file_name))
             image_id = len(images) + 1
             images.append(
