@@ -110,6 +110,10 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_COLOR_JITTER = 0.0
     cfg.INPUT.DETR_HUE_JITTER = 0.0
 
+    # Re-estimate the backbone's frozen batch-norm statistics on this many training images before a
+    # fresh start (AdaBN; sparse_detr/engine/adapt_batchnorm.py). 0: keep the pretrained statistics.
+    cfg.MODEL.BACKBONE.ADAPT_BN_IMAGES = 0
+
     # Test-time augmentation (sparse_detr/modeling/test_time_augmentation.py), with Detectron2's keys
     # TEST.AUG.ENABLED / MIN_SIZES / MAX_SIZE / FLIP and two more: rotations by 0/90/180/270 degrees, and
     # the IoU above which boxes of the views are fused (0.55: the weighted-boxes-fusion paper's default).

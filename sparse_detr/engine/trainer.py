@@ -15,6 +15,7 @@ from ..checkpoint import SparseDETRCheckpointer
 from ..data import build_dataset_mapper
 from ..evaluation import DAMCorrelationEvaluator
 from ..modeling.test_time_augmentation import SparseDETRWithTTA
+from .adapt_batchnorm import adapt_frozen_batchnorm
 from .optimizer import build_sparse_detr_optimizer
 from .weight_ema import WeightEMA
 
@@ -47,6 +48,9 @@ class Trainer(DefaultTrainer):
     * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on CPU;
     * SOLVER.EMA.ENABLED: an exponential moving average of the weights (`WeightEMA`) becomes the final
       model;
+    * MODEL.BACKBONE.ADAPT_BN_IMAGES > 0: before a fresh start (not when resuming), the backbone's
+      frozen batch-norm statistics are re-estimated on that many training images
+      (`adapt_frozen_batchnorm`);
     * TEST.AUG.ENABLED: after training, also `test_with_TTA` (results "bbox_TTA/*", written to the
       metrics like the plain evaluation's), as Detectron2's tools/train_net.py does for R-CNN.
     """
@@ -76,6 +80,15 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume)
+        num_images = self.cfg.MODEL.BACKBONE.ADAPT_BN_IMAGES
+        if num_images < 0:
+            raise ValueError(f"MODEL.BACKBONE.ADAPT_BN_IMAGES={num_images} must be >= 0 (0: off)")
+        if num_images > 0 and self.start_iter == 0:
+            model = self.model.module if hasattr(self.model, "module") else self.model  # unwrap DDP
+            adapt_frozen_batchnorm(model, self.build_train_loader(self.cfg), num_images)
 
     def build_hooks(self):
         ret = super().build_hooks()
