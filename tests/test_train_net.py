@@ -160,6 +160,8 @@ def test_eval_only_with_test_time_augmentation(trained):
         "TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.ROTATE_90", "True"]))
     assert {"AP", "AP50"} <= set(res["bbox"]) and {"AP", "AP50"} <= set(res["bbox_TTA"])
     assert os.path.exists(os.path.join(trained, "inference_TTA", "coco_instances_results.json"))
+    with open(os.path.join(trained, "log.txt")) as f:  # the project's own log messages are kept too
+        assert "sparse_detr.engine.trainer INFO: Running inference with test-time augmentation" in f.read()
 
 
 def test_tta_evaluation_hook_runs_before_the_writer(trained):

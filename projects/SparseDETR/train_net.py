@@ -10,6 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import sparse_detr  # noqa: F401  (registers the SparseDETR meta-architecture)
 import sparse_detr.data  # noqa: F401  (registers the project's datasets)
@@ -26,6 +27,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # the project's own messages (e.g. the TTA evaluation, AdaBN) in the console and OUTPUT_DIR/log.txt
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sparse_detr")
     return cfg
 
 
