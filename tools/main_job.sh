@@ -75,11 +75,10 @@ tta = (f"; with test-time augmentation (TEST.AUG): AP {last['bbox_TTA/AP']:.1f} 
 print(f"[main_job] {config}: AP {last['bbox/AP']:.1f}  AP50 {last['bbox/AP50']:.1f}{tta}  "
       f"(COCO, deepforest_trees_val)  train+eval wall time {wall // 60} min {wall % 60:02d} s")
 # AP50 per photograph: where the points are won and lost (one photograph's site is absent from training)
-breakdown = {}
+breakdown, gt_json = {}, MetadataCatalog.get("deepforest_trees_val").json_file
 for kind, folder in (("plain", "inference"), ("TTA", "inference_TTA")):
     results = os.path.join(out, folder, "coco_instances_results.json")
     if os.path.exists(results):
-        gt_json = MetadataCatalog.get("deepforest_trees_val").json_file
         breakdown[kind] = coco_ap_by_group(gt_json, results, photograph_of_tile)
         print(f"[main_job] AP50 per photograph ({kind}): " + ";  ".join(
             f"{name} {r['AP50']:.1f} ({r['images']} tile{'s' * (r['images'] != 1)}, {r['boxes']} trees"
