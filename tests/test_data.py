@@ -17,6 +17,7 @@ from sparse_detr.data import (
 )
 from sparse_detr.data.datasets.deepforest import (
     DEEPFOREST_SPLITS,
+    TILE_STRIDES,
     clip_boxes_to_window,
     in_training_split,
     photograph_of_tile,
@@ -140,6 +141,12 @@ def test_tile_windows_cover_region():
     windows = tile_windows((0, 100, 1000, 500), tile=400)
     assert windows == [(0, 100, 400, 500), (400, 100, 800, 500), (600, 100, 1000, 500)]
     assert tile_windows((0, 0, 300, 250), tile=400) == [(0, 0, 300, 250)]
+    # Overlapping tiles: origins every `stride` pixels, the last still shifted back to the edge.
+    assert tile_windows((0, 0, 1000, 400), tile=400, stride=200) == [
+        (0, 0, 400, 400), (200, 0, 600, 400), (400, 0, 800, 400), (600, 0, 1000, 400)]
+    assert [w[0] for w in tile_windows((0, 0, 1099, 400), tile=400, stride=300)] == [0, 300, 600, 699]
+    with pytest.raises(ValueError, match="stride 500"):
+        tile_windows((0, 0, 1000, 400), tile=400, stride=500)
 
 
 def test_clip_boxes_to_window():
@@ -162,8 +169,8 @@ def test_deepforest_split_is_geographic():
         if name in train:
             assert val_region is not None and train[name] is not None
             assert not _overlap(val_region, train[name])
-            for tw in tile_windows(train[name]):
-                for vw in tile_windows(val_region):
+            for tw in tile_windows(train[name], stride=TILE_STRIDES["train"]):
+                for vw in tile_windows(val_region, stride=TILE_STRIDES["val"]):
                     assert not _overlap(tw, vw)
 
 
@@ -182,6 +189,15 @@ def test_prepare_and_register_deepforest(tmp_path):
     json_path = os.path.join(root, "annotations", "deepforest_val.json")
     mtime = os.path.getmtime(json_path)
     assert prepare_deepforest(root) == stats and os.path.getmtime(json_path) == mtime  # idempotent
+    # Rebuilding (a new tiling) removes the tiles of the old one and nothing else.
+    stale, other = os.path.join(root, "train", "OSBS_029_x7_y7.png"), os.path.join(root, "train", "notes.txt")
+    for path in (stale, other):
+        open(path, "w").close()
+    assert prepare_deepforest(root, force=True) == stats
+    assert not os.path.exists(stale) and os.path.exists(other)
+    with open(os.path.join(root, "annotations", "deepforest_train.json")) as f:
+        train_files = {image["file_name"] for image in json.load(f)["images"]}
+    assert train_files == {n for n in os.listdir(os.path.join(root, "train")) if n.endswith(".png")}
     with open(json_path) as f:
         val = json.load(f)
     assert val["categories"] == [{"id": 1, "name": "tree"}]

@@ -1,9 +1,12 @@
 """The DeepForest tree-crown photographs as a COCO-format detection dataset, split by geography.
 
 The `deepforest` wheel ships four annotated aerial RGB photographs (Pascal VOC boxes) in its
-`data/` folder; its code is never imported. They are cut into 400x400 tiles (the last tile of a
-row or column is shifted back to end at the region's edge, so tiles of one split may overlap each
-other) and written as PNG files plus one COCO json per split. One class: "tree" (SOAP_061's
+`data/` folder; its code is never imported. They are cut into 400x400 tiles and written as PNG
+files plus one COCO json per split. Training tiles start every 200 px (half a tile), so that each
+tree is seen in up to four tiles, at different places in the tile and with different neighbours
+(measured on the main job: docs/workflows.md); validation tiles start every 400 px. The last tile
+of a row or column is shifted back to end at the region's edge, so validation tiles may overlap
+each other there. One class: "tree" (SOAP_061's
 "Alive"/"Dead" labels both become "tree").
 
 The split is geographic; train and validation regions are disjoint rectangles, so no validation
@@ -39,6 +42,7 @@ from PIL import Image
 
 __all__ = [
     "DEEPFOREST_SPLITS",
+    "TILE_STRIDES",
     "deepforest_data_dir",
     "read_voc_boxes",
     "tile_windows",
@@ -54,9 +58,10 @@ logger = logging.getLogger(__name__)
 Window = Tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, end exclusive)
 
 TILE_SIZE = 400
+TILE_STRIDES = {"train": TILE_SIZE // 2, "val": TILE_SIZE}  # pixels between tile origins, per split
 MIN_VISIBLE_FRACTION = 0.5
 # Bump when the tiling or the split changes: prepared folders with another version are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # split -> [(photograph, region or None for the whole image)]
 DEEPFOREST_SPLITS: Dict[str, List[Tuple[str, Optional[Window]]]] = {
     "train": [
@@ -91,23 +96,27 @@ def read_voc_boxes(xml_path: str) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
-def _starts(lo: int, hi: int, tile: int) -> List[int]:
-    """Tile origins covering [lo, hi): a stride of `tile`, the last one shifted back to end at hi."""
+def _starts(lo: int, hi: int, tile: int, stride: int) -> List[int]:
+    """Tile origins covering [lo, hi): every `stride` pixels, the last one shifted back to end at hi."""
     if hi - lo <= tile:
         return [lo]
-    starts = list(range(lo, hi - tile + 1, tile))
+    starts = list(range(lo, hi - tile + 1, stride))
     if starts[-1] + tile < hi:
         starts.append(hi - tile)
     return starts
 
 
-def tile_windows(region: Window, tile: int = TILE_SIZE) -> List[Window]:
-    """Windows of at most `tile` x `tile` pixels covering `region`, row by row."""
+def tile_windows(region: Window, tile: int = TILE_SIZE, stride: Optional[int] = None) -> List[Window]:
+    """Windows of at most `tile` x `tile` pixels covering `region`, row by row, their origins `stride`
+    pixels apart (default `tile`: no overlap but at the region's far edges)."""
+    stride = stride or tile
+    if not 0 < stride <= tile:
+        raise ValueError(f"tile stride {stride} must be in (0, {tile}]: larger strides leave gaps")
     x0, y0, x1, y1 = region
     return [
         (x, y, min(x + tile, x1), min(y + tile, y1))
-        for y in _starts(y0, y1, tile)
-        for x in _starts(x0, x1, tile)
+        for y in _starts(y0, y1, tile, stride)
+        for x in _starts(x0, x1, tile, stride)
     ]
 
 
@@ -164,15 +173,25 @@ def _is_prepared(root: str) -> bool:
     return True
 
 
+def _is_tile_name(file_name: str) -> bool:
+    try:
+        photograph_of_tile(file_name)
+    except ValueError:
+        return False
+    return True
+
+
 def _write_split(root: str, split: str, source_dir: str) -> Dict[str, int]:
     image_dir = os.path.join(root, split)
     os.makedirs(image_dir, exist_ok=True)
+    for stale in filter(_is_tile_name, os.listdir(image_dir)):  # tiles of an earlier tiling
+        os.remove(os.path.join(image_dir, stale))
     images, annotations = [], []
     for name, region in DEEPFOREST_SPLITS[split]:
         photo = Image.open(os.path.join(source_dir, name + ".png")).convert("RGB")
         boxes = read_voc_boxes(os.path.join(source_dir, name + ".xml"))
         region = region or (0, 0, photo.width, photo.height)
-        for window in tile_windows(region):
+        for window in tile_windows(region, stride=TILE_STRIDES[split]):
             file_name = _tile_file_name(name, window)
             photo.crop(window).save(os.path.join(image_dir, file_name))
             image_id = len(images) + 1
