@@ -4,13 +4,16 @@ from .optimizer import (
     get_sparse_detr_param_groups,
     maybe_add_full_model_gradient_clipping,
 )
-from .trainer import CPUAMPTrainer, Trainer
+from .time_budget import TrainTimeBudget
+from .trainer import CPUAMPTrainer, Trainer, cpu_has_bfloat16_kernels
 from .weight_ema import WeightEMA
 
 __all__ = [
     "Trainer",
     "CPUAMPTrainer",
     "WeightEMA",
+    "TrainTimeBudget",
+    "cpu_has_bfloat16_kernels",
     "build_sparse_detr_optimizer",
     "get_sparse_detr_param_groups",
     "maybe_add_full_model_gradient_clipping",

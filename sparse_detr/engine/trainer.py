@@ -7,8 +7,9 @@ from collections import OrderedDict
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import SparseDETRCheckpointer
@@ -17,9 +18,18 @@ from ..evaluation import DAMCorrelationEvaluator
 from ..modeling.test_time_augmentation import SparseDETRWithTTA
 from .adapt_batchnorm import adapt_frozen_batchnorm
 from .optimizer import build_sparse_detr_optimizer
+from .time_budget import TrainTimeBudget
 from .weight_ema import WeightEMA
 
-__all__ = ["Trainer", "CPUAMPTrainer"]
+__all__ = ["Trainer", "CPUAMPTrainer", "cpu_has_bfloat16_kernels"]
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_has_bfloat16_kernels() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX512 or newer). Without them (AVX2-only CPUs)
+    bfloat16 autocast runs reference code: measured 5x slower than float32 on a 2-core AMD EPYC (Zen 3)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class CPUAMPTrainer(SimpleTrainer):
@@ -45,7 +55,10 @@ class Trainer(DefaultTrainer):
       or other models' checkpoints; strict when resuming);
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
       for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it;
-    * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on CPU;
+    * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on a CPU
+      with bfloat16 kernels (float32, with a warning, on one without: bfloat16 would be much slower);
+    * SOLVER.TRAIN_TIME_BUDGET > 0: the schedule is shortened to end within that many seconds when the
+      machine is too slow for it (`TrainTimeBudget`);
     * SOLVER.EMA.ENABLED: an exponential moving average of the weights (`WeightEMA`) becomes the final
       model;
     * MODEL.BACKBONE.ADAPT_BN_IMAGES > 0: before a fresh start (not when resuming), the backbone's
@@ -69,17 +82,53 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(
             model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
         )
-        if cfg.SOLVER.AMP.ENABLED:  # float16 + GradScaler on CUDA, bfloat16 on CPU
-            trainer_type = CPUAMPTrainer if on_cpu else AMPTrainer
-        else:
-            trainer_type = SimpleTrainer
-        self._trainer = trainer_type(model, data_loader, optimizer)
+        self._trainer = self.step_runner_type(cfg, on_cpu)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def step_runner_type(cfg, on_cpu: bool) -> type:
+        """The SimpleTrainer class that runs the steps: AMP is float16 + GradScaler on CUDA, bfloat16 on
+        a CPU with bfloat16 kernels; plain float32 otherwise."""
+        if not cfg.SOLVER.AMP.ENABLED:
+            return SimpleTrainer
+        if not on_cpu:
+            return AMPTrainer
+        if not cpu_has_bfloat16_kernels():
+            logger.warning(
+                f"SOLVER.AMP.ENABLED: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 "
+                "kernels (they need AVX512), so bfloat16 autocast would be several times slower than "
+                "float32: training in float32")
+            return SimpleTrainer
+        return CPUAMPTrainer
+
+    def train(self):
+        """DefaultTrainer.train, with Detectron2's training loop rewritten to check `self.max_iter` before
+        every iteration (Detectron2's iterates over a range fixed at the start), so that
+        `TrainTimeBudget` can shorten a running schedule. Returns what DefaultTrainer.train returns."""
+        logging.getLogger("detectron2.engine.train_loop").info(f"Starting training from iteration {self.start_iter}")
+        self.iter = self.start_iter
+        with EventStorage(self.start_iter) as self.storage:
+            try:
+                self.before_train()
+                while self.iter < self.max_iter:
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                    self.iter += 1  # == max_iter at the end: after_train hooks read it as "finished"
+            except Exception:
+                logger.exception("Exception during training:")
+                raise
+            finally:
+                self.after_train()
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume)
@@ -92,11 +141,17 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
+        # Right after the LR scheduler, which every rank has (the checkpointer only the main one), so
+        # before the checkpointer and the evaluations: model_final.pth and they get the average, and the
+        # checkpointer saves model_final at the shortened schedule's end.
+        scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
         if self.cfg.SOLVER.EMA.ENABLED:
-            # Right after the LR scheduler, which every rank has (the checkpointer only the main one), so
-            # before the checkpointer and the evaluations: model_final.pth and they get the average.
-            scheduler_at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
             ret.insert(scheduler_at + 1, WeightEMA(self.cfg.SOLVER.EMA.DECAY))
+        budget = self.cfg.SOLVER.TRAIN_TIME_BUDGET
+        if budget < 0:
+            raise ValueError(f"SOLVER.TRAIN_TIME_BUDGET={budget} must be >= 0 seconds (0: off)")
+        if budget > 0:
+            ret.insert(scheduler_at + 1, TrainTimeBudget(budget))
         if self.cfg.TEST.AUG.ENABLED:  # before the writer, so that it records the TTA results too
             writer_at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
             ret.insert(writer_at, hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
