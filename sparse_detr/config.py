@@ -126,8 +126,8 @@ def add_sparse_detr_config(cfg):
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
     cfg.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
 
-    # A wall-clock budget for training, in whole seconds (0: off). When the first iterations show that
-    # SOLVER.MAX_ITER iterations would overrun it, MAX_ITER and STEPS are scaled down together, once
+    # A wall-clock budget for training, in whole seconds (0: off). When the measured pace shows that
+    # SOLVER.MAX_ITER iterations would overrun it, MAX_ITER and STEPS are scaled down together
     # (sparse_detr/engine/time_budget.py); a schedule that fits is unchanged.
     cfg.SOLVER.TRAIN_TIME_BUDGET = 0
 

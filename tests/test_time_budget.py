@@ -34,14 +34,15 @@ def data(tmp_path_factory):
     register_synthetic("budget_val", root)
 
 
-def _trainer(cfg, clock_readings, resume=False):
-    """A Trainer whose budget hook probes iterations 1..2 and reads `clock_readings` as its clock."""
+def _trainer(cfg, seconds_at, resume=False):
+    """A Trainer whose budget hook times from iteration 1, re-estimates every 2 iterations, and reads
+    `seconds_at(i)` as its clock after iteration i (and at the start, i = the first iteration)."""
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=resume)
     budget = next(h for h in trainer._hooks if isinstance(h, TrainTimeBudget))
-    readings = iter(clock_readings)
-    budget.warmup_iters, budget.probe_iters, budget._clock = 1, 2, lambda: next(readings)
-    return trainer
+    budget.warmup_iters, budget.probe_iters = 1, 2
+    budget._clock = lambda: seconds_at(trainer.storage.iter)
+    return trainer, budget
 
 
 def _lrs(trainer):
@@ -56,11 +57,11 @@ def test_steps_keep_their_fraction_of_the_schedule():
 
 def test_a_slow_machine_gets_a_shorter_schedule_that_resume_continues(tmp_path):
     out = str(tmp_path / "run")
-    # started at 0 s; the probe (iterations 1 and 2) from 1 s to 21 s: 10 s an iteration. Budget 61 s:
-    # 40 s left = 4 more iterations after the third, so 7 instead of 12, the lr drop at 5 instead of 9.
-    trainer = _trainer(_cfg(out, 12, "SOLVER.TRAIN_TIME_BUDGET", "61"), [0.0, 1.0, 21.0])
+    # 10 s an iteration, budget 61 s: after iteration 2 (20 s) 4 more fit, so 7 instead of 12 and the
+    # lr drop at 5 instead of 9; the drop is then too near for another estimate
+    trainer, budget = _trainer(_cfg(out, 12, "SOLVER.TRAIN_TIME_BUDGET", "61"), lambda i: 10.0 * i)
     trainer.train()
-    assert trainer.iter == trainer.max_iter == 7
+    assert trainer.iter == trainer.max_iter == 7 and budget.final
     base_lr = trainer.cfg.SOLVER.BASE_LR
     lrs = _lrs(trainer)
     assert sorted(lrs) == list(range(7))
@@ -68,16 +69,17 @@ def test_a_slow_machine_gets_a_shorter_schedule_that_resume_continues(tmp_path):
     assert all(lrs[i] == pytest.approx(base_lr * 0.1) for i in (5, 6))
     final = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
     assert final["iteration"] == 6
-    assert final["trainer"]["hooks"]["TrainTimeBudget"] == {"decided": True, "max_iter": 7, "steps": (5,)}
+    assert final["trainer"]["hooks"]["TrainTimeBudget"] == {"max_iter": 7, "steps": (5,)}
 
-    # interrupted after iteration 2 (the probe had decided): the resumed run keeps 7 iterations and the
-    # drop at 5 without probing again (its clock is read once, at the start)
+    # interrupted after iteration 2 (the schedule was chosen there): the resumed run keeps 7 iterations
+    # and the drop at 5 without measuring again
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     with open(os.path.join(resumed, "last_checkpoint"), "w") as f:
         f.write(os.path.join(out, "model_0000002.pth"))
-    trainer = _trainer(_cfg(resumed, 12, "SOLVER.TRAIN_TIME_BUDGET", "61"), [0.0], resume=True)
-    assert (trainer.start_iter, trainer.max_iter) == (3, 7)
+    trainer, budget = _trainer(_cfg(resumed, 12, "SOLVER.TRAIN_TIME_BUDGET", "61"), lambda i: 1e6 * i,
+                               resume=True)
+    assert (trainer.start_iter, trainer.max_iter, budget.final) == (3, 7, True)
     trainer.train()
     lrs = _lrs(trainer)
     assert sorted(lrs) == [3, 4, 5, 6]
@@ -85,11 +87,29 @@ def test_a_slow_machine_gets_a_shorter_schedule_that_resume_continues(tmp_path):
     assert torch.load(os.path.join(resumed, "model_final.pth"), weights_only=False)["iteration"] == 6
 
 
-def test_a_schedule_that_fits_is_unchanged(tmp_path):
-    trainer = _trainer(_cfg(str(tmp_path), 4, "SOLVER.TRAIN_TIME_BUDGET", "1000", "DATASETS.TEST", "()"),
-                       [0.0, 1.0, 21.0])
+def test_later_estimates_correct_a_slow_start(tmp_path):
+    """Iterations 1 and 2 take 10 s, the later ones 2 s: the first estimate gives 7 of 20 iterations,
+    the later ones give more while the lr drop is ahead; training still ends within the 60 s."""
+    seconds_at = lambda i: 10.0 * i if i <= 2 else 20.0 + 2.0 * (i - 2)  # noqa: E731
+    cfg = _cfg(str(tmp_path), 20, "SOLVER.TRAIN_TIME_BUDGET", "60", "SOLVER.STEPS", "(16,)", "DATASETS.TEST", "()")
+    trainer, budget = _trainer(cfg, seconds_at)
+    chosen = []
+    apply = budget._apply
+    budget._apply = lambda max_iter, steps: (chosen.append(max_iter), apply(max_iter, steps))
     trainer.train()
-    assert trainer.iter == trainer.max_iter == 4
+    assert chosen[0] == 7 and chosen == sorted(chosen) and len(chosen) > 2
+    assert trainer.iter == trainer.max_iter == chosen[-1] < 20
+    assert seconds_at(trainer.max_iter - 1) <= 60
+    assert budget.steps == shortened_schedule(20, (16,), trainer.max_iter)
+    lrs, base_lr = _lrs(trainer), trainer.cfg.SOLVER.BASE_LR
+    assert [i for i in sorted(lrs) if lrs[i] < base_lr / 2] == list(range(budget.steps[0], trainer.max_iter))
+
+
+def test_a_schedule_that_fits_is_unchanged(tmp_path):
+    trainer, budget = _trainer(_cfg(str(tmp_path), 4, "SOLVER.TRAIN_TIME_BUDGET", "1000", "DATASETS.TEST", "()"),
+                               lambda i: 10.0 * i)
+    trainer.train()
+    assert trainer.iter == trainer.max_iter == 4 and budget.max_iter == 4
     assert not any(isinstance(h, TrainTimeBudget) for h in Trainer(_cfg(str(tmp_path / "off"), 4))._hooks)
 
 

@@ -1,5 +1,5 @@
-"""`TrainTimeBudget` (SOLVER.TRAIN_TIME_BUDGET): shortens the schedule once so that training ends within
-a wall-clock budget on a machine slower than the one the schedule was made for."""
+"""`TrainTimeBudget` (SOLVER.TRAIN_TIME_BUDGET): shortens the schedule so that training ends within a
+wall-clock budget on a machine slower than the one the schedule was made for."""
 import logging
 import time
 from typing import Callable, Tuple
@@ -19,14 +19,18 @@ def shortened_schedule(max_iter: int, steps: Tuple[int, ...], new_max_iter: int)
 
 
 class TrainTimeBudget(HookBase):
-    """Times iterations `warmup_iters` .. `warmup_iters + probe_iters` of a run; if the remaining
-    iterations at that pace would end training more than `budget_s` seconds after it started, MAX_ITER
-    and STEPS are scaled down by the same factor, once, so that it ends within the budget. A schedule
-    that fits is left alone, so a fast machine trains exactly as configured.
+    """Fits the schedule to a wall-clock budget of `budget_s` seconds from the start of training.
 
-    With no warm-up and no learning-rate step before the probe ends (the shipped configs), the shortened
-    schedule gives every iteration the learning rate it would have had if chosen from the start. The new
-    schedule is saved in the trainer state: `--resume` continues it without probing again.
+    The pace is measured from iteration `warmup_iters` on (the first iterations are the slowest).
+    Every `probe_iters` iterations after that, while the first learning-rate drop is still ahead, the
+    schedule becomes the configured MAX_ITER and STEPS scaled down together to what fits the budget at
+    the pace measured so far (never above the configured ones): a first estimate that was too
+    pessimistic is corrected by the later, longer measurements. A schedule that fits is unchanged, so a
+    fast machine trains exactly as configured.
+
+    With no warm-up and no learning-rate drop before the schedule is final (the shipped configs), every
+    iteration gets the learning rate it would have had if the final schedule had been chosen from the
+    start. The schedule is saved in the trainer state: `--resume` continues it without measuring again.
 
     Place it after the LR scheduler hook (it replaces `trainer.scheduler`, keeping its position) and
     before the checkpointer (whose final save follows the new MAX_ITER).
@@ -39,41 +43,47 @@ class TrainTimeBudget(HookBase):
         self.budget_s = budget_s
         self.warmup_iters, self.probe_iters = warmup_iters, probe_iters
         self._clock = clock
-        self.decided = False  # the schedule is final: probed (shortened or not) or restored on resume
-        self.max_iter = self.steps = None  # the shortened schedule, if any
+        self.final = False  # no more changes: the first lr drop is near, or a checkpoint gave the schedule
+        self.max_iter = self.steps = None  # the schedule chosen last, if any
 
     def before_train(self):
         self._start = self._clock()
-        self._probe_start = None
+        self._pace_start = None
 
     def after_step(self):
-        if self.decided:
+        if self.final:
             return
         done = self.trainer.iter + 1 - self.trainer.start_iter
         if done == self.warmup_iters:
-            self._probe_start = self._clock()
-        elif done == self.warmup_iters + self.probe_iters and self._probe_start is not None:
-            now = self._clock()
-            seconds_per_iter = (now - self._probe_start) / self.probe_iters
-            left = max(0, int((self.budget_s - (now - self._start)) / seconds_per_iter))
-            new_max_iter = self.trainer.iter + 1 + left
-            self.decided = True
-            if new_max_iter < self.trainer.max_iter:
-                cfg = self.trainer.cfg.SOLVER
-                logger.warning(
-                    f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} s/iteration, "
-                    f"{cfg.MAX_ITER} iterations would take {cfg.MAX_ITER * seconds_per_iter / 60:.1f} min; "
-                    f"shortening the schedule to {new_max_iter} iterations")
-                self._apply(new_max_iter, shortened_schedule(cfg.MAX_ITER, tuple(cfg.STEPS), new_max_iter))
-            else:
-                logger.info(f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} "
-                            f"s/iteration the schedule of {self.trainer.max_iter} iterations fits")
+            self._pace_start = self._clock()
+        timed = done - self.warmup_iters
+        if self._pace_start is None or timed <= 0 or timed % self.probe_iters:
+            return
+        now = self._clock()
+        seconds_per_iter = (now - self._pace_start) / timed
+        next_iter = self.trainer.iter + 1
+        cfg = self.trainer.cfg.SOLVER
+        left = max(0, int((self.budget_s - (now - self._start)) / seconds_per_iter))
+        max_iter = min(cfg.MAX_ITER, next_iter + left)
+        steps = shortened_schedule(cfg.MAX_ITER, tuple(cfg.STEPS), max_iter)
+        steps = tuple(max(next_iter, step) for step in steps)  # a drop the new pace puts in the past: now
+        self.final = not any(next_iter + self.probe_iters < step < max_iter for step in steps)
+        current = (self.trainer.max_iter, tuple(cfg.STEPS) if self.steps is None else self.steps)
+        if (max_iter, steps) == current and self.steps is None:
+            logger.info(f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} "
+                        f"s/iteration the schedule of {max_iter} iterations fits")
+        elif (max_iter, steps) != current:
+            logger.warning(
+                f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} s/iteration "
+                f"{cfg.MAX_ITER} iterations would take {cfg.MAX_ITER * seconds_per_iter / 60:.1f} min; "
+                f"training for {max_iter} iterations, lr drops at {list(steps)}")
+            self._apply(max_iter, steps)
+        self.max_iter, self.steps = max_iter, steps  # saved even if unchanged: a resumed run keeps them
 
     def _apply(self, max_iter: int, steps: Tuple[int, ...]):
         """Make `max_iter`/`steps` the schedule of the running trainer: its loop bound, a learning-rate
         scheduler built for it at the current iteration, and the hooks that cached MAX_ITER."""
         trainer = self.trainer
-        self.max_iter, self.steps = max_iter, steps
         cfg = trainer.cfg.clone()
         cfg.defrost()
         cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = max_iter, steps
@@ -93,11 +103,12 @@ class TrainTimeBudget(HookBase):
                         writer._max_iter = max_iter  # its ETA
 
     def state_dict(self):
-        return {"decided": self.decided, "max_iter": self.max_iter, "steps": self.steps}
+        return {"max_iter": self.max_iter, "steps": self.steps}
 
     def load_state_dict(self, state_dict):
-        self.decided = state_dict["decided"]
         if state_dict["max_iter"] is not None:
-            logger.info(f"Resuming the schedule shortened to {state_dict['max_iter']} iterations "
-                        f"by SOLVER.TRAIN_TIME_BUDGET")
-            self._apply(state_dict["max_iter"], tuple(state_dict["steps"]))
+            logger.info(f"Resuming the schedule of {state_dict['max_iter']} iterations (lr drops at "
+                        f"{list(state_dict['steps'])}) chosen by SOLVER.TRAIN_TIME_BUDGET")
+            self.max_iter, self.steps = state_dict["max_iter"], tuple(state_dict["steps"])
+            self._apply(self.max_iter, self.steps)
+            self.final = True
