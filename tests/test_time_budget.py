@@ -118,8 +118,8 @@ def test_a_negative_budget_is_refused_naming_the_key(tmp_path):
         Trainer(_cfg(str(tmp_path), 4, "SOLVER.TRAIN_TIME_BUDGET", "-5"))
 
 
-def test_cpu_autocast_needs_bfloat16_kernels(monkeypatch, caplog):
-    cfg = _cfg("unused", 4, "SOLVER.AMP.ENABLED", "True")
+def test_cpu_autocast_needs_bfloat16_kernels(tmp_path, monkeypatch, caplog):
+    cfg = _cfg(str(tmp_path), 4, "SOLVER.AMP.ENABLED", "True")
     monkeypatch.setattr(trainer_module, "cpu_has_bfloat16_kernels", lambda: True)
     assert Trainer.step_runner_type(cfg, on_cpu=True) is CPUAMPTrainer
     assert Trainer.step_runner_type(cfg, on_cpu=False) is AMPTrainer

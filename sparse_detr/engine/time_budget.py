@@ -68,13 +68,14 @@ class TrainTimeBudget(HookBase):
         steps = shortened_schedule(cfg.MAX_ITER, tuple(cfg.STEPS), max_iter)
         steps = tuple(max(next_iter, step) for step in steps)  # a drop the new pace puts in the past: now
         self.final = not any(next_iter + self.probe_iters < step < max_iter for step in steps)
-        current = (self.trainer.max_iter, tuple(cfg.STEPS) if self.steps is None else self.steps)
-        if (max_iter, steps) == current and self.steps is None:
+        configured = (cfg.MAX_ITER, tuple(cfg.STEPS))
+        current = configured if self.max_iter is None else (self.max_iter, self.steps)
+        if self.max_iter is None and (max_iter, steps) == configured:
             logger.info(f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} "
                         f"s/iteration the schedule of {max_iter} iterations fits")
         elif (max_iter, steps) != current:
-            logger.warning(
-                f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} s/iteration "
+            log = logger.warning if current == configured else logger.info  # later changes only adjust
+            log(f"SOLVER.TRAIN_TIME_BUDGET={self.budget_s:g} s: at {seconds_per_iter:.2f} s/iteration "
                 f"{cfg.MAX_ITER} iterations would take {cfg.MAX_ITER * seconds_per_iter / 60:.1f} min; "
                 f"training for {max_iter} iterations, lr drops at {list(steps)}")
             self._apply(max_iter, steps)
