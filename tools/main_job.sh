@@ -3,6 +3,7 @@
 #
 #   bash tools/main_job.sh                       # Sparse DETR, rho 0.1 (DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml)
 #   bash tools/main_job.sh CONFIG [KEY VALUE..]  # another config (e.g. the dense baseline), optional overrides
+#   bash tools/main_job.sh KEY VALUE [KEY VALUE..]  # the default config with overrides (e.g. SEED 1)
 #
 # 1. sets up the environment (tools/setup.sh, idempotent);
 # 2. prepares the DeepForest tiles as COCO json train/val splits under datasets/deepforest (idempotent;
@@ -18,8 +19,19 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-CONFIG="${1:-configs/DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml}"
-shift $(( $# > 0 ? 1 : 0 ))
+CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml
+if [[ $# -gt 0 && ( "$1" == *.yaml || "$1" == *.yml ) ]]; then  # else: only overrides, default config
+    CONFIG="$1"
+    shift
+fi
+if [[ ! -f "$CONFIG" ]]; then
+    echo "[main_job] config file not found: $CONFIG (usage: bash tools/main_job.sh [CONFIG.yaml] [KEY VALUE ...])" >&2
+    exit 2
+fi
+if (( $# % 2 )); then
+    echo "[main_job] overrides come in KEY VALUE pairs; got an odd number: $*" >&2
+    exit 2
+fi
 NAME="$(basename "$CONFIG" .yaml)"
 OUT="output/main_job/$NAME"
 overrides=("$@")
