@@ -1,19 +1,25 @@
 """SOLVER.TRAIN_TIME_BUDGET (TrainTimeBudget): the schedule shrinks to fit the budget, learning-rate
-drop and final checkpoint included, and --resume continues it; bfloat16 autocast only where the CPU has
-bfloat16 kernels."""
+drop and final checkpoint included, --resume continues it and several processes stop together;
+bfloat16 autocast only where the CPU has bfloat16 kernels."""
 import os
 import sys
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
 
+from sparse_detr import add_sparse_detr_config  # noqa: E402
 from sparse_detr.engine import CPUAMPTrainer, Trainer, TrainTimeBudget  # noqa: E402
+from sparse_detr.engine import time_budget  # noqa: E402
 from sparse_detr.engine import trainer as trainer_module  # noqa: E402
 from sparse_detr.engine.time_budget import shortened_schedule  # noqa: E402
-from synthetic import register_synthetic, tiny_opts  # noqa: E402
+from synthetic import register_synthetic, tiny_opts, write_synthetic_coco  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "Base-SparseDETR.yaml")
@@ -111,6 +117,44 @@ def test_a_schedule_that_fits_is_unchanged(tmp_path):
     trainer.train()
     assert trainer.iter == trainer.max_iter == 4 and budget.max_iter == 4
     assert not any(isinstance(h, TrainTimeBudget) for h in Trainer(_cfg(str(tmp_path / "off"), 4))._hooks)
+
+
+def test_with_several_processes_the_main_one_decides(tmp_path, monkeypatch):
+    """Each rank measures its own pace; they must agree on where to stop, so rank 0's estimate (here
+    8 iterations, against this rank's 7) is the one used."""
+    trainer, budget = _trainer(_cfg(str(tmp_path), 12, "SOLVER.TRAIN_TIME_BUDGET", "61", "DATASETS.TEST", "()"),
+                               lambda i: 10.0 * i)
+    gathered = []
+    two_ranks = SimpleNamespace(get_world_size=lambda: 2,
+                                all_gather=lambda value: gathered.append(value) or [8, value])
+    monkeypatch.setattr(time_budget, "comm", two_ranks)  # the hook's view only: the rest stays one process
+    trainer.train()
+    assert gathered and set(gathered) == {7}  # asked at every estimate
+    assert trainer.iter == trainer.max_iter == 8 and budget.steps == shortened_schedule(12, (9,), 8)
+
+
+def _train_two_ranks(data_dir: str, output_dir: str, result_path: str):
+    """One rank of a 2-process run in which rank 0 measures 10 s an iteration and rank 1 5 s."""
+    register_synthetic("budget_pair", data_dir)
+    cfg = add_sparse_detr_config(get_cfg())
+    cfg.merge_from_file(BASE)
+    cfg.merge_from_list(tiny_opts("budget_pair", "budget_pair", output_dir, 12, [
+        "SOLVER.STEPS", "(9,)", "SOLVER.TRAIN_TIME_BUDGET", "61", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "DATASETS.TEST", "()"]))
+    seconds_per_iter = 10.0 if comm.get_rank() == 0 else 5.0
+    trainer, _ = _trainer(cfg, lambda i: seconds_per_iter * i)
+    trainer.train()
+    torch.save({"iter": trainer.iter, "max_iter": trainer.max_iter}, f"{result_path}.rank{comm.get_rank()}")
+
+
+def test_two_processes_stop_together(tmp_path):
+    """Over gloo, with different clocks: rank 0 alone would stop at 7 of 12, rank 1 would not shorten;
+    both stop at 7 (a rank that stopped early would leave the other waiting in DDP forever)."""
+    write_synthetic_coco(str(tmp_path / "data"), num_images=2)
+    launch(_train_two_ranks, 2, dist_url="auto", timeout=timedelta(seconds=60),  # a stuck rank fails, not hangs
+           args=(str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "result")))
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"result.rank{rank}") == {"iter": 7, "max_iter": 7}
 
 
 def test_a_negative_budget_is_refused_naming_the_key(tmp_path):

@@ -5,6 +5,7 @@ import time
 from typing import Callable, Tuple
 
 from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
 __all__ = ["TrainTimeBudget", "shortened_schedule"]
@@ -31,6 +32,8 @@ class TrainTimeBudget(HookBase):
     With no warm-up and no learning-rate drop before the schedule is final (the shipped configs), every
     iteration gets the learning rate it would have had if the final schedule had been chosen from the
     start. The schedule is saved in the trainer state: `--resume` continues it without measuring again.
+
+    With several processes, the main process's estimate decides for all (they must stop together).
 
     Place it after the LR scheduler hook (it replaces `trainer.scheduler`, keeping its position) and
     before the checkpointer (whose final save follows the new MAX_ITER).
@@ -65,6 +68,8 @@ class TrainTimeBudget(HookBase):
         cfg = self.trainer.cfg.SOLVER
         left = max(0, int((self.budget_s - (now - self._start)) / seconds_per_iter))
         max_iter = min(cfg.MAX_ITER, next_iter + left)
+        if comm.get_world_size() > 1:  # every rank must stop at the same iteration: the main one decides
+            max_iter = comm.all_gather(max_iter)[0]
         steps = shortened_schedule(cfg.MAX_ITER, tuple(cfg.STEPS), max_iter)
         steps = tuple(max(next_iter, step) for step in steps)  # a drop the new pace puts in the past: now
         self.final = not any(next_iter + self.probe_iters < step < max_iter for step in steps)
