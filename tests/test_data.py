@@ -147,6 +147,8 @@ def test_tile_windows_cover_region():
     assert [w[0] for w in tile_windows((0, 0, 1099, 400), tile=400, stride=300)] == [0, 300, 600, 699]
     with pytest.raises(ValueError, match="stride 500"):
         tile_windows((0, 0, 1000, 400), tile=400, stride=500)
+    with pytest.raises(ValueError, match="stride 0"):  # not read as "the default"
+        tile_windows((0, 0, 1000, 400), tile=400, stride=0)
 
 
 def test_clip_boxes_to_window():

@@ -109,7 +109,7 @@ def _starts(lo: int, hi: int, tile: int, stride: int) -> List[int]:
 def tile_windows(region: Window, tile: int = TILE_SIZE, stride: Optional[int] = None) -> List[Window]:
     """Windows of at most `tile` x `tile` pixels covering `region`, row by row, their origins `stride`
     pixels apart (default `tile`: no overlap but at the region's far edges)."""
-    stride = stride or tile
+    stride = tile if stride is None else stride
     if not 0 < stride <= tile:
         raise ValueError(f"tile stride {stride} must be in (0, {tile}]: larger strides leave gaps")
     x0, y0, x1, y1 = region
