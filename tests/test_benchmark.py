@@ -99,8 +99,10 @@ def test_config_for_rho(bm):
     assert bm.paper_row(r50, 0.1)["gflops"] == 105.4 and bm.paper_row(r50, 0.0)["ap"] == 46.0
 
 
-def test_main_writes_outputs(bm, tmp_path, monkeypatch):
-    """The command line with a shipped config, shrunk through config overrides."""
+def test_main_writes_outputs(bm, tmp_path, monkeypatch, capsys):
+    """The command line with a shipped config, shrunk through config overrides; --amp on a CPU without
+    bfloat16 kernels is warned about and noted in the report."""
+    monkeypatch.setattr(bm, "cpu_has_bfloat16_kernels", lambda: False)
     cfg = tiny_cfg()
     opts = []
     for key in ("NUM_CLASSES", "HIDDEN_DIM", "NHEADS", "DIM_FEEDFORWARD", "ENC_LAYERS", "DEC_LAYERS", "ENC_N_POINTS",
@@ -109,10 +111,11 @@ def test_main_writes_outputs(bm, tmp_path, monkeypatch):
     opts += ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
     rows = bm.main(["--config-file", os.path.join(ROOT, "configs/COCO-Detection/sparse_detr_R_50_rho_0.1.yaml"),
                     "--rho", "0.0", "0.1", "--flops-image", "64x96", "--skip-latency", "--threads", "1",
-                    "--output-dir", str(tmp_path), *opts])
+                    "--output-dir", str(tmp_path), "--amp", *opts])
     assert len(rows) == 2
+    assert "without bfloat16 kernels" in capsys.readouterr().err
     report = (tmp_path / "benchmark.md").read_text()
-    assert "load average" in report and "| 0.1 |" in report
+    assert "load average" in report and "| 0.1 |" in report and "no bfloat16 kernels on this CPU" in report
     assert len(json.loads((tmp_path / "benchmark.json").read_text())["rows"]) == 2
     assert (tmp_path / "benchmark.png").exists()
 
