@@ -1,10 +1,12 @@
-"""CPU inference speed-ups: oneDNN linears (sparse_detr.layers.onednn_linear) and frozen batch norms
-folded into convolutions (sparse_detr.layers.fold_batchnorm). Both must leave the outputs unchanged."""
+"""CPU speed-ups: oneDNN linears (sparse_detr.layers.onednn_linear) and frozen batch norms folded into
+convolutions (sparse_detr.layers.fold_batchnorm) in inference, both leaving the outputs unchanged; the
+backbone input's memory format (`SparseDETR.pre_transformer`)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
@@ -93,3 +95,23 @@ def test_fold_frozen_batchnorm_keeps_backbone_outputs():
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_input_is_channels_last_except_in_float32_training():
+    """channels_last in inference and under bfloat16 autocast (faster there); NCHW in float32 training,
+    where channels_last convolutions have the slower backward."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    seen = []
+    model.backbone.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    inputs = make_inputs(sizes=((64, 96), (80, 64)))
+    model.train()
+    with EventStorage(0):
+        sum(model(inputs).values()).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(inputs)
+    model.eval()
+    with torch.no_grad():
+        model(inputs)
+    assert seen == [False, True, True]

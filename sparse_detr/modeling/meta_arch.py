@@ -274,9 +274,11 @@ class SparseDETR(nn.Module):
             "anchor_valid").
         """
         x = images.tensor
-        # oneDNN runs channels_last convolutions faster on CPU: -25 % backbone time in inference; in training
-        # -20 % for its forward + backward (the stem's max pool alone: 17 -> 1 ms on 2 x 64 x 208 x 208)
-        if x.device.type == "cpu":
+        # oneDNN runs channels_last convolutions faster on CPU: -25 % backbone time in inference; in bfloat16
+        # training -20 % for its forward + backward (the stem's max pool alone: 17 -> 1 ms on 2 x 64 x 208 x
+        # 208). Not in float32 training, where its backward is slower: main-job steps 1.53 s channels_last
+        # against 1.46 s NCHW on a 2-core AVX2 CPU (`benchmark_train_step.py --memory-format`).
+        if x.device.type == "cpu" and (not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             x = x.contiguous(memory_format=torch.channels_last)
         sizes = torch.as_tensor(images.image_sizes, device=x.device)  # (B, 2) (h, w)
         image_mask = ((torch.arange(x.shape[-2], device=x.device)[None, :, None] >= sizes[:, 0, None, None])
