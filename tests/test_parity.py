@@ -163,7 +163,7 @@ def test_training_losses_total_and_gradient_norm_match_official(official, sparse
     assert total.item() == pytest.approx(reference["total_weighted_loss"], abs=ATOL, rel=RTOL)
     grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
     grad_norm = torch.sqrt(sum((g * g).sum() for g in grads)).item()
-    # Float32 CPU training runs the backbone NCHW (relative difference within RTOL; 1.3e-5 when it ran
+    # Float32 CPU training runs the backbone NCHW (relative difference 4e-8 measured; 1.3e-5 when it ran
     # channels_last, whose convolution backward sums in another order).
     assert grad_norm == pytest.approx(reference["grad_norm"], abs=ATOL, rel=RTOL)
 

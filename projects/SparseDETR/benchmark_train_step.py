@@ -35,8 +35,8 @@ from sparse_detr.engine.trainer import Trainer  # noqa: E402
 def build_trainer(config_file: str, opts):
     cfg = add_sparse_detr_config(get_cfg())
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + ["SOLVER.TRAIN_TIME_BUDGET", 0, "TEST.EVAL_PERIOD", 0,
-                                      "OUTPUT_DIR", os.path.join("output", "benchmark_train_step")])
+    cfg.merge_from_list(["SOLVER.TRAIN_TIME_BUDGET", 0, "TEST.EVAL_PERIOD", 0,
+                         "OUTPUT_DIR", os.path.join("output", "benchmark_train_step")] + list(opts))
     cfg.freeze()
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
     trainer = Trainer(cfg)
@@ -49,7 +49,8 @@ def force_channels_last(trainer) -> None:
     backbone.register_forward_pre_hook(lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Prints the table; returns {row name: [seconds per step of each round]}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY VALUE"),
@@ -102,6 +103,7 @@ def main(argv=None):
     for name, _ in rows:
         mean = statistics.mean(times[name])
         print(f"| {name} | {mean:.3f} | {' / '.join(f'{t:.3f}' for t in times[name])} | {mean / base:.2f}x |")
+    return times
 
 
 if __name__ == "__main__":
