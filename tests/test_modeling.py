@@ -176,6 +176,35 @@ def test_training_step_losses_and_gradients():
     assert any(n.startswith("backbone.res3.") for n in trainable)
 
 
+def test_detached_stage_is_frozen_and_cut_from_the_gradient():
+    """MODEL.BACKBONE.DETACHED_STAGES ["res5"]: res5 frozen, and res4 receives only the gradient of its
+    own feature level (the same as when res5's output is not used at all)."""
+    cfg = tiny_cfg()
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res5"]
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert not any(p.requires_grad for p in model.backbone.res5.parameters())
+    inputs = make_inputs([(64, 96)])
+    torch.manual_seed(1)  # same dropout in both passes
+    with EventStorage():
+        sum(model(inputs).values()).backward()
+    res4 = dict(model.backbone.res4.named_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in res4.values())
+    got = {n: p.grad.clone() for n, p in res4.items()}
+    # the same gradient when res5's output reaches the model as a constant
+    model.zero_grad()
+    model.backbone.res5.register_forward_hook(lambda module, args, out: out.detach().clone())
+    torch.manual_seed(1)
+    with EventStorage():
+        sum(model(inputs).values()).backward()
+    for n, p in res4.items():
+        torch.testing.assert_close(p.grad, got[n])
+    cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res6"]
+    with pytest.raises(ValueError, match="DETACHED_STAGES.*res6.*'res5'"):
+        build_model(cfg)
+
+
 def test_training_step_with_empty_ground_truth():
     model = _build()
     losses = _train_losses(model, make_inputs([(64, 96), (64, 80)], num_boxes=0))

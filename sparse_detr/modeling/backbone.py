@@ -1,10 +1,14 @@
-"""Swin Transformer backbone for Sparse DETR (Detectron2's `SwinTransformer`, official settings)."""
+"""Backbone pieces for Sparse DETR: the Swin Transformer (Detectron2's `SwinTransformer`, official
+settings) and `detach_stages` (MODEL.BACKBONE.DETACHED_STAGES) for any backbone."""
+from typing import Sequence
+
 import torch
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.swin import SwinTransformer
+from torch import nn
 from torchvision.ops import StochasticDepth
 
-__all__ = ["SparseDETRSwin", "build_sparse_detr_swin_backbone"]
+__all__ = ["SparseDETRSwin", "build_sparse_detr_swin_backbone", "detach_stages"]
 
 
 class SparseDETRSwin(SwinTransformer):
@@ -35,3 +39,23 @@ def build_sparse_detr_swin_backbone(cfg, input_shape):
         in_chans=input_shape.channels, embed_dim=swin.EMBED_DIM, depths=tuple(swin.DEPTHS),
         num_heads=tuple(swin.NUM_HEADS), window_size=swin.WINDOW_SIZE, drop_path_rate=swin.DROP_PATH_RATE,
         out_indices=out_indices, frozen_stages=swin.FROZEN_STAGES)
+
+
+def _detach_input(stage: nn.Module, args):
+    return (args[0].detach(),) + tuple(args[1:])
+
+
+def detach_stages(backbone: nn.Module, names: Sequence[str]) -> None:
+    """Freeze the named children of `backbone` (e.g. a ResNet's "res5") and detach their input, so that
+    no backward pass runs through them: a cheaper step than FREEZE_AT alone can give when the frozen
+    stage is the last one. The stages before them train through their own outputs only. On the main
+    job's AVX2 CPU, ["res5"] made float32 steps 18 % faster (docs/workflows.md, eleventh session)."""
+    children = {name: module for name, module in backbone.named_children() if any(True for _ in module.parameters())}
+    unknown = [name for name in names if name not in children]
+    if unknown:
+        raise ValueError(f"MODEL.BACKBONE.DETACHED_STAGES: {unknown} are not stages of the backbone; "
+                         f"its stages: {sorted(children)}")
+    for name in names:
+        for p in children[name].parameters():
+            p.requires_grad_(False)
+        children[name].register_forward_pre_hook(_detach_input)

@@ -15,6 +15,7 @@ from torchvision.ops import box_convert
 
 from ..layers.onednn_linear import use_onednn_linears
 from ..layers.position_encoding import PositionEmbeddingSine
+from .backbone import detach_stages
 from .criterion import DENOISING_SUFFIX, ONE_TO_MANY_SUFFIX, SetCriterion, build_weight_dict
 from .denoising import denoising_indices, denoising_self_attn_mask, noised_ground_truth
 from .dam import check_dam_convention
@@ -205,6 +206,7 @@ class SparseDETR(nn.Module):
         validate_sparse_detr_config(cfg)
         sd = cfg.MODEL.SPARSE_DETR
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        detach_stages(backbone, cfg.MODEL.BACKBONE.DETACHED_STAGES)
         missing = [f for f in sd.IN_FEATURES if f not in backbone.output_shape()]
         if missing:
             raise ValueError(f"MODEL.SPARSE_DETR.IN_FEATURES {missing} are not outputs of the backbone "
