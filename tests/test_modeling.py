@@ -7,6 +7,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage, get_event_storage
+from torch import nn
 
 from sparse_detr.layers.onednn_linear import OneDNNLinear, onednn_linear_available
 from sparse_detr.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
@@ -182,9 +183,12 @@ def test_detached_stage_is_frozen_and_cut_from_the_gradient():
     cfg = tiny_cfg()
     cfg.defrost()
     cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res5"]
+    cfg.MODEL.RESNETS.NORM = "BN"  # trainable batch norms elsewhere; frozen ones in res5
     torch.manual_seed(0)
     model = build_model(cfg).train()
     assert not any(p.requires_grad for p in model.backbone.res5.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.res5.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.res4.modules())
     inputs = make_inputs([(64, 96)])
     torch.manual_seed(1)  # same dropout in both passes
     with EventStorage():

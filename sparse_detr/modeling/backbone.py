@@ -3,6 +3,7 @@ settings) and `detach_stages` (MODEL.BACKBONE.DETACHED_STAGES) for any backbone.
 from typing import Sequence
 
 import torch
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
@@ -56,6 +57,8 @@ def detach_stages(backbone: nn.Module, names: Sequence[str]) -> None:
         raise ValueError(f"MODEL.BACKBONE.DETACHED_STAGES: {unknown} are not stages of the backbone; "
                          f"its stages: {sorted(children)}")
     for name in names:
-        for p in children[name].parameters():
+        stage = FrozenBatchNorm2d.convert_frozen_batchnorm(children[name])  # batch norms too, as FREEZE_AT
+        for p in stage.parameters():
             p.requires_grad_(False)
-        children[name].register_forward_pre_hook(_detach_input)
+        stage.register_forward_pre_hook(_detach_input)
+        setattr(backbone, name, stage)

@@ -278,8 +278,8 @@ class SparseDETR(nn.Module):
         x = images.tensor
         # oneDNN runs channels_last convolutions faster on CPU: -25 % backbone time in inference; in bfloat16
         # training -20 % for its forward + backward (the stem's max pool alone: 17 -> 1 ms on 2 x 64 x 208 x
-        # 208). Not in float32 training, where its backward is slower: main-job steps 1.53 s channels_last
-        # against 1.46 s NCHW on a 2-core AVX2 CPU (`benchmark_train_step.py --memory-format`).
+        # 208). Not in float32 training, where its backward is slower: main-job steps 1.62 s channels_last
+        # against 1.52 s NCHW on a 2-core AVX2 CPU (`benchmark_train_step.py --memory-format`).
         if x.device.type == "cpu" and (not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             x = x.contiguous(memory_format=torch.channels_last)
         sizes = torch.as_tensor(images.image_sizes, device=x.device)  # (B, 2) (h, w)
