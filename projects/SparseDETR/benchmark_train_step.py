@@ -3,7 +3,7 @@
 
     python projects/SparseDETR/benchmark_train_step.py \
         --config-file configs/DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml --memory-format \
-        --variant res5-frozen MODEL.BACKBONE.FREEZE_RES5 True
+        --variant "res5 detached" MODEL.BACKBONE.DETACHED_STAGES "['res5']"
 
 Every row is a Trainer built from the config (the baseline) or from the config plus a variant's overrides,
 each seeded alike. All rows run the trainer's real step (`run_step`: autocast as the trainer decides,

@@ -51,7 +51,7 @@ def detach_stages(backbone: nn.Module, names: Sequence[str]) -> None:
     no backward pass runs through them: a cheaper step than FREEZE_AT alone can give when the frozen
     stage is the last one. The stages before them train through their own outputs only. On the main
     job's AVX2 CPU, ["res5"] made float32 steps 18 % faster (docs/workflows.md, eleventh session)."""
-    children = {name: module for name, module in backbone.named_children() if any(True for _ in module.parameters())}
+    children = {name: module for name, module in backbone.named_children() if next(module.parameters(), None) is not None}
     unknown = [name for name in names if name not in children]
     if unknown:
         raise ValueError(f"MODEL.BACKBONE.DETACHED_STAGES: {unknown} are not stages of the backbone; "
