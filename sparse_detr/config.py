@@ -38,6 +38,10 @@ def add_sparse_detr_config(cfg):
     sd.EFF_QUERY_INIT = True
     sd.EFF_SPECIFIC_HEAD = True
     sd.AUX_LOSS = True
+    # Look forward twice (DINO; not in the paper, off by default): with box refinement, a decoder layer's
+    # box loss also reaches the previous layer's refinement head (its reference box keeps the gradient);
+    # the attention of each layer still samples around the detached box, as in the official code.
+    sd.LOOK_FORWARD_TWICE = False
     sd.NUM_QUERIES = 300
     sd.NUM_FEATURE_LEVELS = 4
     sd.IN_FEATURES = ["res3", "res4", "res5"]

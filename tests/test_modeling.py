@@ -19,7 +19,7 @@ from sparse_detr.modeling.encoder import SparseEncoder, SparseEncoderLayer
 from sparse_detr.modeling.matcher import HungarianMatcher
 from sparse_detr.modeling.token_scoring import DAMTokenScorer
 from sparse_detr.modeling.transformer import SparseDeformableTransformer, select_tokens
-from sparse_detr.modeling.utils import encoder_anchors, encoder_reference_points, level_masks, valid_ratio
+from sparse_detr.modeling.utils import box_from_delta, encoder_anchors, encoder_reference_points, level_masks, valid_ratio
 from utils import make_inputs, tiny_cfg
 
 
@@ -207,6 +207,38 @@ def test_detached_stage_is_frozen_and_cut_from_the_gradient():
     cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res6"]
     with pytest.raises(ValueError, match="DETACHED_STAGES.*res6.*'res5'"):
         build_model(cfg)
+
+
+def test_look_forward_twice_reaches_the_previous_refinement_head():
+    """MODEL.SPARSE_DETR.LOOK_FORWARD_TWICE: layer 1's box loss trains layer 0's refinement head (and only
+    then); the layers' outputs and references are the same values either way."""
+    torch.manual_seed(0)
+    kw = dict(d_model=32, d_ffn=64, dropout=0.0, n_levels=2, n_heads=2, n_points=2)
+    plain = Decoder(DecoderLayer(**kw), 2)
+    lft = Decoder(DecoderLayer(**kw), 2, look_forward_twice=True)
+    lft.load_state_dict(plain.state_dict())
+    heads = nn.ModuleList(nn.Linear(32, 4) for _ in range(2))
+    B, Q, N = 2, 5, 20
+    inputs = (torch.randn(B, Q, 32), torch.randn(B, Q, 32), torch.rand(B, Q, 4) * 0.5 + 0.25,
+              torch.randn(B, N, 32), torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16]),
+              torch.ones(B, 2, 2), torch.zeros(B, N, dtype=torch.bool))
+    outs = {}
+    for name, decoder in (("plain", plain), ("lft", lft)):
+        heads.zero_grad(set_to_none=True)
+        dec = decoder(*inputs, bbox_heads=heads)
+        box_from_delta(heads[1](dec["hs"][1]), dec["references"][1]).sum().backward()
+        outs[name] = dec, heads[0].weight.grad
+    assert outs["plain"][1] is None and outs["lft"][1].abs().sum() > 0
+    torch.testing.assert_close(outs["lft"][0]["hs"], outs["plain"][0]["hs"])
+    for got, expected in zip(outs["lft"][0]["references"], outs["plain"][0]["references"]):
+        torch.testing.assert_close(got, expected)
+
+
+def test_look_forward_twice_config_trains():
+    model = _build(LOOK_FORWARD_TWICE=True)
+    assert model.transformer.decoder.look_forward_twice
+    losses = _train_losses(model, make_inputs([(64, 96)]))
+    assert set(losses) == _expected_loss_keys() and all(torch.isfinite(v) for v in losses.values())
 
 
 def test_training_step_with_empty_ground_truth():
@@ -431,6 +463,7 @@ def test_exact_dam_convention_trains():
     ({"NHEADS": 3}, "NHEADS=3"),
     ({"NUM_FEATURE_LEVELS": 2}, "NUM_FEATURE_LEVELS=2"),
     ({"TWO_STAGE": False}, "EFF_QUERY_INIT"),
+    ({"LOOK_FORWARD_TWICE": True, "WITH_BOX_REFINE": False}, "LOOK_FORWARD_TWICE=True acts on refined boxes"),
 ])
 def test_invalid_configs_raise(overrides, match):
     with pytest.raises(ValueError, match=match):

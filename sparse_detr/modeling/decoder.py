@@ -62,14 +62,17 @@ class Decoder(nn.Module):
     """A stack of `DecoderLayer`s; with `bbox_heads` the reference boxes are refined after every layer."""
 
     @configurable
-    def __init__(self, layer: nn.Module, num_layers: int):
+    def __init__(self, layer: nn.Module, num_layers: int, look_forward_twice: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
 
     @classmethod
     def from_config(cls, cfg):
-        return {"layer": DecoderLayer(cfg), "num_layers": cfg.MODEL.SPARSE_DETR.DEC_LAYERS}
+        sd = cfg.MODEL.SPARSE_DETR
+        return {"layer": DecoderLayer(cfg), "num_layers": sd.DEC_LAYERS,
+                "look_forward_twice": sd.LOOK_FORWARD_TWICE}
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
                 memory: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
@@ -82,6 +85,9 @@ class Decoder(nn.Module):
                 to each image's valid region. memory: (B, N, C). valid_ratios: (B, L, 2).
             bbox_heads: one per layer for iterative refinement: the next layer's reference is
                 sigmoid(head(out) + inverse_sigmoid(reference)), detached. None: fixed references.
+                With `look_forward_twice` (DINO, Zhang et al. 2022) the references returned for the
+                loss keep their gradient, so a layer's box loss also trains the previous layer's
+                refinement; the next layer's attention still samples around the detached box.
             self_attn_mask: optional (Q, Q) bool, True where query i must not attend to query j.
         Returns:
             "hs" (layers, B, Q, C) every layer's output; "references": per layer, the (B, Q, 2|4)
@@ -89,15 +95,18 @@ class Decoder(nn.Module):
             "sampling_locations_dec" (B, layers, Q, M, L, P, 2); "attn_weights_dec" (B, layers, Q, M, L, P).
         """
         hs, references, locations, weights = [], [], [], []
+        loss_reference = reference_points  # the reference the layer's boxes are predicted from
         for lid, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             tgt, loc, w = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory,
                                 spatial_shapes, level_start_index, padding_mask, self_attn_mask)
             hs.append(tgt)
-            references.append(reference_points)
+            references.append(loss_reference)
             locations.append(loc)
             weights.append(w)
             if bbox_heads is not None:
-                reference_points = box_from_delta(bbox_heads[lid](tgt), reference_points).detach()
+                refined = box_from_delta(bbox_heads[lid](tgt), reference_points)
+                reference_points = refined.detach()
+                loss_reference = refined if self.look_forward_twice else reference_points
         return {"hs": torch.stack(hs), "references": references,
                 "sampling_locations_dec": torch.stack(locations, 1), "attn_weights_dec": torch.stack(weights, 1)}

@@ -78,6 +78,9 @@ def validate_sparse_detr_config(cfg) -> None:
             raise ValueError(f"{key}DN_BOX_NOISE_SCALE={sd.DN_BOX_NOISE_SCALE} must be >= 0")
         if not 0 <= sd.DN_LABEL_NOISE_RATIO <= 1:
             raise ValueError(f"{key}DN_LABEL_NOISE_RATIO={sd.DN_LABEL_NOISE_RATIO} is outside [0, 1]")
+    if sd.LOOK_FORWARD_TWICE and not sd.WITH_BOX_REFINE:
+        raise ValueError(f"{key}LOOK_FORWARD_TWICE=True acts on refined boxes: set {key}WITH_BOX_REFINE=True "
+                         f"or {key}LOOK_FORWARD_TWICE=False")
     if sd.ONE_TO_MANY_QUERIES > 0 and sd.ONE_TO_MANY_LOSS_WEIGHT <= 0:
         raise ValueError(f"{key}ONE_TO_MANY_LOSS_WEIGHT={sd.ONE_TO_MANY_LOSS_WEIGHT} must be > 0 when "
                          f"{key}ONE_TO_MANY_QUERIES > 0")
