@@ -85,7 +85,7 @@ class Decoder(nn.Module):
                 to each image's valid region. memory: (B, N, C). valid_ratios: (B, L, 2).
             bbox_heads: one per layer for iterative refinement: the next layer's reference is
                 sigmoid(head(out) + inverse_sigmoid(reference)), detached. None: fixed references.
-                With `look_forward_twice` (DINO, Zhang et al. 2022) the references returned for the
+                With `look_forward_twice` (DINO, Zhang et al., ICLR 2023) the references returned for the
                 loss keep their gradient, so a layer's box loss also trains the previous layer's
                 refinement; the next layer's attention still samples around the detached box.
             self_attn_mask: optional (Q, Q) bool, True where query i must not attend to query j.
