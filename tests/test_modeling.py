@@ -19,7 +19,8 @@ from sparse_detr.modeling.encoder import SparseEncoder, SparseEncoderLayer
 from sparse_detr.modeling.matcher import HungarianMatcher
 from sparse_detr.modeling.token_scoring import DAMTokenScorer
 from sparse_detr.modeling.transformer import SparseDeformableTransformer, select_tokens
-from sparse_detr.modeling.utils import box_from_delta, encoder_anchors, encoder_reference_points, level_masks, valid_ratio
+from sparse_detr.modeling.utils import (box_from_delta, encoder_anchors, encoder_reference_points, level_masks,
+                                        valid_ratio)
 from utils import make_inputs, tiny_cfg
 
 
