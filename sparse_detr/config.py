@@ -108,11 +108,12 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_CROP_SIZE = [384, 600]
     cfg.INPUT.DETR_CROP_PROB = 0.5  # probability of the crop branch (official 0.5; 0 never crops)
     # Extras for overhead imagery (off officially): rotations by multiples of 90 degrees, colour jitter
-    # strength (0 = off), hue jitter in degrees (0 = off). INPUT.RANDOM_FLIP also takes "both"
-    # (horizontal and vertical flips).
+    # strength (0 = off), hue jitter in degrees (0 = off), probability of a grey image (0 = off).
+    # INPUT.RANDOM_FLIP also takes "both" (horizontal and vertical flips).
     cfg.INPUT.DETR_ROTATE_90 = False
     cfg.INPUT.DETR_COLOR_JITTER = 0.0
     cfg.INPUT.DETR_HUE_JITTER = 0.0
+    cfg.INPUT.DETR_GRAYSCALE_PROB = 0.0
 
     # Re-estimate the backbone's frozen batch-norm statistics on this many training images before a
     # fresh start (AdaBN; sparse_detr/engine/adapt_batchnorm.py). 0: keep the pretrained statistics.

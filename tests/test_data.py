@@ -230,6 +230,22 @@ def test_random_flip_both_and_bad_value():
         build_detr_train_augmentation(_cfg(DETR_COLOR_JITTER=1.0))
     with pytest.raises(ValueError, match=r"INPUT.DETR_HUE_JITTER=200.0 must be in \[0, 180\]"):
         build_detr_train_augmentation(_cfg(DETR_HUE_JITTER=200.0))
+    with pytest.raises(ValueError, match=r"INPUT.DETR_GRAYSCALE_PROB=1.5 must be in \[0, 1\]"):
+        build_detr_train_augmentation(_cfg(DETR_GRAYSCALE_PROB=1.5))
+
+
+def test_grayscale_augmentation_greys_every_image_at_probability_1():
+    """DETR_GRAYSCALE_PROB 1: every pixel becomes its luma (0.299 R + 0.587 G + 0.114 B) in all 3
+    channels; at 0 the augmentation is not in the list."""
+    cfg = _cfg(DETR_RESIZE_MIN_SIZES=[2], DETR_RESIZE_MAX_SIZE=1000, DETR_CROP_PROB=0.0, RANDOM_FLIP="none",
+               DETR_GRAYSCALE_PROB=1.0)
+    image = np.array([[[200, 40, 10], [0, 255, 0]], [[10, 20, 250], [128, 128, 128]]], np.uint8)
+    aug_input = T.AugInput(image.copy())
+    T.AugmentationList(build_detr_train_augmentation(cfg))(aug_input)
+    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(aug_input.image, np.repeat(luma[..., None], 3, axis=2), atol=1)
+    kinds = [type(a).__name__ for a in build_detr_train_augmentation(_cfg(DETR_GRAYSCALE_PROB=0.0))]
+    assert "RandomApply" not in kinds
 
 
 def _hue_degrees(rgb):

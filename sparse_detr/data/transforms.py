@@ -79,16 +79,19 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
     crop, no max size), INPUT.DETR_CROP_SIZE (min, max crop height and width, sampled independently),
     INPUT.DETR_CROP_PROB, INPUT.DETR_ROTATE_90, INPUT.DETR_COLOR_JITTER (s: brightness, contrast and
     saturation each scaled by a factor drawn from [1 - s, 1 + s]; 0 is off), INPUT.DETR_HUE_JITTER
-    (degrees: the hue turned by an angle drawn from [-d, d], `RandomHueRotation`; 0 is off).
+    (degrees: the hue turned by an angle drawn from [-d, d], `RandomHueRotation`; 0 is off),
+    INPUT.DETR_GRAYSCALE_PROB (the probability of turning the image grey, luma in all 3 channels; 0 is off).
     """
     crop_prob, jitter = cfg.INPUT.DETR_CROP_PROB, cfg.INPUT.DETR_COLOR_JITTER
-    hue_degrees = cfg.INPUT.DETR_HUE_JITTER
+    hue_degrees, grayscale_prob = cfg.INPUT.DETR_HUE_JITTER, cfg.INPUT.DETR_GRAYSCALE_PROB
     if not 0.0 <= crop_prob <= 1.0:
         raise ValueError(f"INPUT.DETR_CROP_PROB={crop_prob} must be in [0, 1]")
     if not 0.0 <= jitter < 1.0:
         raise ValueError(f"INPUT.DETR_COLOR_JITTER={jitter} must be in [0, 1)")
     if not 0.0 <= hue_degrees <= 180.0:
         raise ValueError(f"INPUT.DETR_HUE_JITTER={hue_degrees} must be in [0, 180] (degrees)")
+    if not 0.0 <= grayscale_prob <= 1.0:
+        raise ValueError(f"INPUT.DETR_GRAYSCALE_PROB={grayscale_prob} must be in [0, 1]")
     resize = T.ResizeShortestEdge(
         cfg.INPUT.DETR_RESIZE_MIN_SIZES, cfg.INPUT.DETR_RESIZE_MAX_SIZE, sample_style="choice"
     )
@@ -107,4 +110,6 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
         augs += [T.RandomBrightness(low, high), T.RandomContrast(low, high), T.RandomSaturation(low, high)]
     if hue_degrees > 0:
         augs.append(RandomHueRotation(hue_degrees, cfg.INPUT.FORMAT))
+    if grayscale_prob > 0:  # a saturation factor of 0 is the luma alone
+        augs.append(T.RandomApply(T.RandomSaturation(0.0, 0.0), prob=grayscale_prob))
     return augs
