@@ -114,6 +114,9 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_COLOR_JITTER = 0.0
     cfg.INPUT.DETR_HUE_JITTER = 0.0
     cfg.INPUT.DETR_GRAYSCALE_PROB = 0.0
+    # Probability that a training image becomes a mosaic of four training images at their own scale,
+    # one per quadrant around a random centre (sparse_detr/data/mosaic.py; 0 = off).
+    cfg.INPUT.DETR_MOSAIC_PROB = 0.0
 
     # Re-estimate the backbone's frozen batch-norm statistics on this many training images before a
     # fresh start (AdaBN; sparse_detr/engine/adapt_batchnorm.py). 0: keep the pretrained statistics.

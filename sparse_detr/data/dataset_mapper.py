@@ -1,12 +1,17 @@
 """Dataset mappers of Sparse DETR, chosen by INPUT.DATASET_MAPPER ("detr" or "default")."""
 import logging
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import numpy as np
-from detectron2.data import DatasetMapper
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
+from .mosaic import build_mosaic, sample_mosaic_layout
 from .transforms import build_detr_train_augmentation
 
 __all__ = ["DetrDatasetMapper", "build_dataset_mapper", "drop_invalid_boxes"]
@@ -48,7 +53,21 @@ class DetrDatasetMapper(DatasetMapper):
     `instances.gt_boxes` are absolute XYXY boxes in the augmented image, whose (H, W) is the
     `image` tensor's shape; the model normalises them with `ImageList.image_sizes`. At test time
     the image is resized by INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, as the official 800/1333.
+
+    With INPUT.DETR_MOSAIC_PROB > 0, a training image is replaced with that probability by a mosaic
+    (`sparse_detr.data.mosaic`) of itself and three images drawn from `mosaic_pool` (the training
+    datasets), before the augmentation.
     """
+
+    @configurable
+    def __init__(self, is_train: bool = True, *, mosaic_prob: float = 0.0, mosaic_pool: Sequence[Dict] = (),
+                 **kwargs):
+        super().__init__(is_train, **kwargs)
+        if not 0.0 <= mosaic_prob <= 1.0:
+            raise ValueError(f"INPUT.DETR_MOSAIC_PROB={mosaic_prob} must be in [0, 1]")
+        if mosaic_prob > 0 and not mosaic_pool:
+            raise ValueError("INPUT.DETR_MOSAIC_PROB > 0 needs training images to draw from (DATASETS.TRAIN)")
+        self.mosaic_prob, self.mosaic_pool = mosaic_prob, list(mosaic_pool)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -59,12 +78,39 @@ class DetrDatasetMapper(DatasetMapper):
         ret = super().from_config(base, is_train)
         if is_train:
             ret["augmentations"] = build_detr_train_augmentation(cfg)
+            ret["mosaic_prob"] = cfg.INPUT.DETR_MOSAIC_PROB
+            if cfg.INPUT.DETR_MOSAIC_PROB > 0:
+                ret["mosaic_pool"] = get_detection_dataset_dicts(
+                    cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         return ret
 
     def __call__(self, dataset_dict: Dict) -> Dict:
-        if self.is_train:
-            dataset_dict = drop_invalid_boxes(dataset_dict)
+        if not self.is_train:
+            return super().__call__(dataset_dict)
+        dataset_dict = drop_invalid_boxes(dataset_dict)
+        if self.mosaic_prob > 0 and np.random.uniform() < self.mosaic_prob:
+            others = np.random.randint(len(self.mosaic_pool), size=3)
+            return self._map_mosaic([dataset_dict] + [drop_invalid_boxes(self.mosaic_pool[i]) for i in others])
         return super().__call__(dataset_dict)
+
+    def _map_mosaic(self, dataset_dicts: List[Dict]) -> Dict:
+        """The mapped mosaic of the four dicts, the size of the first; it keeps the first's other keys."""
+        images = []
+        for source in dataset_dicts:
+            image = utils.read_image(source["file_name"], format=self.image_format)
+            utils.check_image_size(dict(source), image)
+            images.append(image)
+        height, width = images[0].shape[:2]
+        centre, origins = sample_mosaic_layout(height, width, [im.shape[:2] for im in images], np.random)
+        image, annotations = build_mosaic([(im, d.get("annotations", [])) for im, d in zip(images, dataset_dicts)],
+                                          height, width, centre, origins)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        mosaic = {**dataset_dicts[0], "annotations": annotations,
+                  "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+        self._transform_annotations(mosaic, transforms, image.shape[:2])
+        return mosaic
 
 
 _MAPPERS = {"detr": DetrDatasetMapper, "default": DatasetMapper}

@@ -40,6 +40,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
+from ..box_windows import Window, clip_boxes_to_window
+
 __all__ = [
     "DEEPFOREST_SPLITS",
     "TILE_STRIDES",
@@ -55,11 +57,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Window = Tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, end exclusive)
-
 TILE_SIZE = 400
 TILE_STRIDES = {"train": TILE_SIZE // 2, "val": TILE_SIZE}  # pixels between tile origins, per split
-MIN_VISIBLE_FRACTION = 0.5
 # Bump when the tiling or the split changes: prepared folders with another version are rebuilt.
 FORMAT_VERSION = 2
 # split -> [(photograph, region or None for the whole image)]
@@ -118,27 +117,6 @@ def tile_windows(region: Window, tile: int = TILE_SIZE, stride: Optional[int] = 
         for y in _starts(y0, y1, tile, stride)
         for x in _starts(x0, x1, tile, stride)
     ]
-
-
-def clip_boxes_to_window(
-    boxes: np.ndarray, window: Window, min_visible: float = MIN_VISIBLE_FRACTION
-) -> np.ndarray:
-    """Boxes (N, 4) XYXY clipped to `window`, in window coordinates; a box is kept if at least
-    `min_visible` of its area lies inside the window."""
-    x0, y0, x1, y1 = window
-    clipped = np.stack(
-        [
-            np.clip(boxes[:, 0], x0, x1),
-            np.clip(boxes[:, 1], y0, y1),
-            np.clip(boxes[:, 2], x0, x1),
-            np.clip(boxes[:, 3], y0, y1),
-        ],
-        axis=1,
-    )
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-    keep = (inside > 0) & (inside >= min_visible * area)
-    return clipped[keep] - np.array([x0, y0, x0, y0], dtype=np.float32)
 
 
 def _tile_file_name(photograph: str, window: Window) -> str:

@@ -1,0 +1,29 @@
+"""Boxes cut to a window of an image: the rule shared by the DeepForest tiling and the mosaic."""
+from typing import Tuple
+
+import numpy as np
+
+__all__ = ["MIN_VISIBLE_FRACTION", "Window", "cut_boxes_to_window", "clip_boxes_to_window"]
+
+Window = Tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, end exclusive)
+
+MIN_VISIBLE_FRACTION = 0.5  # a box cut by a window edge is kept if at least this much of it is inside
+
+
+def cut_boxes_to_window(boxes: np.ndarray, window: Window,
+                        min_visible: float = MIN_VISIBLE_FRACTION) -> Tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) XYXY clipped to `window` (same coordinates), and which of them to keep (N,) bool:
+    those with at least `min_visible` of their area, and some area, inside the window."""
+    x0, y0, x1, y1 = window
+    clipped = np.stack([np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
+                        np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)], axis=1)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    return clipped, (inside > 0) & (inside >= min_visible * area)
+
+
+def clip_boxes_to_window(boxes: np.ndarray, window: Window,
+                         min_visible: float = MIN_VISIBLE_FRACTION) -> np.ndarray:
+    """The kept boxes (`cut_boxes_to_window`) in window coordinates."""
+    clipped, keep = cut_boxes_to_window(boxes, window, min_visible)
+    return clipped[keep] - np.array([window[0], window[1], window[0], window[1]], dtype=boxes.dtype)
