@@ -1,13 +1,21 @@
-"""Boxes cut to a window of an image: the rule shared by the DeepForest tiling and the mosaic."""
-from typing import Tuple
+"""Boxes of annotation dicts, and boxes cut to a window of an image (the rule shared by the DeepForest
+tiling and the mosaic)."""
+from typing import Dict, List, Tuple
 
 import numpy as np
+from detectron2.structures import BoxMode
 
-__all__ = ["MIN_VISIBLE_FRACTION", "Window", "cut_boxes_to_window", "clip_boxes_to_window"]
+__all__ = ["MIN_VISIBLE_FRACTION", "Window", "annotation_boxes", "cut_boxes_to_window", "clip_boxes_to_window"]
 
 Window = Tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, end exclusive)
 
 MIN_VISIBLE_FRACTION = 0.5  # a box cut by a window edge is kept if at least this much of it is inside
+
+
+def annotation_boxes(annotations: List[Dict]) -> np.ndarray:
+    """The boxes of Detectron2 annotation dicts as an (N, 4) float64 XYXY_ABS array."""
+    return np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
+                    dtype=np.float64).reshape(-1, 4)
 
 
 def cut_boxes_to_window(boxes: np.ndarray, window: Window,

@@ -8,9 +8,9 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
+from .box_windows import annotation_boxes
 from .mosaic import build_mosaic, sample_mosaic_layout
 from .transforms import build_detr_train_augmentation
 
@@ -27,8 +27,7 @@ def drop_invalid_boxes(dataset_dict: Dict) -> Dict:
     annos = dataset_dict.get("annotations", [])
     if not annos:
         return dataset_dict
-    boxes = np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-                     dtype=np.float64).reshape(-1, 4)
+    boxes = annotation_boxes(annos)
     empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
     outside = np.zeros(len(boxes), dtype=bool)
     if "height" in dataset_dict and "width" in dataset_dict:

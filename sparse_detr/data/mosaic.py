@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from detectron2.structures import BoxMode
 
-from .box_windows import Window, cut_boxes_to_window
+from .box_windows import Window, annotation_boxes, cut_boxes_to_window
 
 __all__ = ["MOSAIC_CENTRE_RANGE", "build_mosaic", "sample_mosaic_layout"]
 
@@ -51,12 +51,9 @@ def build_mosaic(sources: Sequence[Tuple[np.ndarray, List[Dict]]], height: int, 
         image[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
         if not annos:
             continue
-        boxes = np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-                         dtype=np.float32).reshape(-1, 4)
-        shift = np.array([x0 - ox, y0 - oy, x0 - ox, y0 - oy], dtype=np.float32)  # source -> mosaic
+        shift = np.array([x0 - ox, y0 - oy, x0 - ox, y0 - oy])  # source -> mosaic
         visible = (x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
-        cut, keep = cut_boxes_to_window(boxes + shift, visible)
+        cut, keep = cut_boxes_to_window(annotation_boxes(annos) + shift, visible)
         annotations += [{**anno, "bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS}
                         for anno, box, kept in zip(annos, cut, keep) if kept]
     return image, annotations
-
