@@ -117,6 +117,9 @@ def add_sparse_detr_config(cfg):
     # Probability that a training image becomes a mosaic of four training images at their own scale,
     # one per quadrant around a random centre (sparse_detr/data/mosaic.py; 0 = off).
     cfg.INPUT.DETR_MOSAIC_PROB = 0.0
+    # Megabytes of decoded training images each data-loader process keeps in memory (the "detr"
+    # mapper; sparse_detr/data/image_cache.py), so that later epochs skip reading and decoding; 0: none.
+    cfg.DATALOADER.IMAGE_CACHE_MB = 0
 
     # Re-estimate the backbone's frozen batch-norm statistics on this many training images before a
     # fresh start (AdaBN; sparse_detr/engine/adapt_batchnorm.py). 0: keep the pretrained statistics.

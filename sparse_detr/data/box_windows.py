@@ -13,7 +13,12 @@ MIN_VISIBLE_FRACTION = 0.5  # a box cut by a window edge is kept if at least thi
 
 
 def annotation_boxes(annotations: List[Dict]) -> np.ndarray:
-    """The boxes of Detectron2 annotation dicts as an (N, 4) float64 XYXY_ABS array."""
+    """The boxes of Detectron2 annotation dicts as an (N, 4) float64 XYXY_ABS array (converted all at
+    once when they share one box mode, as a dataset's do)."""
+    modes = {a["bbox_mode"] for a in annotations}
+    if len(modes) == 1:
+        boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+        return BoxMode.convert(boxes, modes.pop(), BoxMode.XYXY_ABS)
     return np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
                     dtype=np.float64).reshape(-1, 4)
 
