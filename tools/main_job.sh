@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: Sparse DETR on real aerial photographs of tree crowns (DeepForest), on CPU.
 #
-#   bash tools/main_job.sh                       # Sparse DETR, rho 0.1 (DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml)
+#   bash tools/main_job.sh                       # Sparse DETR, rho 0.1, objectness selection (DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml)
 #   bash tools/main_job.sh CONFIG [KEY VALUE..]  # another config (e.g. the dense baseline), optional overrides
 #   bash tools/main_job.sh KEY VALUE [KEY VALUE..]  # the default config with overrides (e.g. SEED 1)
 #
@@ -19,7 +19,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_cpu.yaml
+CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml
 if [[ $# -gt 0 && ( "$1" == *.yaml || "$1" == *.yml ) ]]; then  # else: only overrides, default config
     CONFIG="$1"
     shift
