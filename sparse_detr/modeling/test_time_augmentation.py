@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import box_iou
 
+from ..data.transforms import Rotate90Transform
 from .meta_arch import SparseDETR
 
 __all__ = ["SparseDETRWithTTA", "weighted_box_fusion"]
@@ -97,7 +98,7 @@ class SparseDETRWithTTA(nn.Module):
             resize = T.ResizeShortestEdge(min_size, self.max_size).get_transform(np.empty((height, width, 0)))
             h, w = resize.new_h, resize.new_w
             for angle in self.angles:
-                rotation = [T.RotationTransform(h, w, angle, expand=True)] if angle else []
+                rotation = [Rotate90Transform(angle // 90, h, w)] if angle else []  # exact quarter turns
                 view_w = h if angle in (90, 270) else w
                 for flip in self.flips:
                     yield T.TransformList([resize] + rotation + ([T.HFlipTransform(view_w)] if flip else []))
