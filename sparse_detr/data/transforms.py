@@ -64,7 +64,7 @@ class RandomRotate90(T.Augmentation):
         return Rotate90Transform(int(angle) // 90, *image.shape[:2])
 
 
-# Luma weights (ITU-R BT.601), those of Detectron2's RandomSaturation; they sum to 1.
+# Luma weights (ITU-R BT.601), those of Detectron2's RandomSaturation and the Y row of YIQ; they sum to 1.
 _LUMA_RGB = np.array([0.299, 0.587, 0.114])
 
 
@@ -100,7 +100,7 @@ class RandomColorJitter(T.Augmentation):
 
 
 # RGB <-> YIQ (NTSC): Y is the luma, (I, Q) the chroma plane, in which a rotation turns the hue.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_TO_YIQ = np.array([_LUMA_RGB, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
