@@ -114,9 +114,6 @@ def add_sparse_detr_config(cfg):
     cfg.INPUT.DETR_COLOR_JITTER = 0.0
     cfg.INPUT.DETR_HUE_JITTER = 0.0
     cfg.INPUT.DETR_GRAYSCALE_PROB = 0.0
-    # Side in pixels of a square window cut at random from every training image after its resize, so
-    # that a step sees fewer pixels at the objects' own scale (0 = off: the whole image).
-    cfg.INPUT.DETR_WINDOW_SIZE = 0
     # Probability that a training image becomes a mosaic of four training images at their own scale,
     # one per quadrant around a random centre (sparse_detr/data/mosaic.py; 0 = off).
     cfg.INPUT.DETR_MOSAIC_PROB = 0.0

@@ -234,32 +234,6 @@ def test_random_flip_both_and_bad_value():
         build_detr_train_augmentation(_cfg(DETR_GRAYSCALE_PROB=1.5))
 
 
-def test_window_cuts_a_square_of_the_resized_image_at_its_scale(tmp_path):
-    """DETR_WINDOW_SIZE 100 after a resize of the 120 x 90 image to 240 x 180: every training image is
-    100 x 100, its boxes those of the resized image shifted by the window's corner and clipped to it
-    (boxes outside dropped); the window moves; a negative size names the key."""
-    cfg = _cfg(DETR_RESIZE_MIN_SIZES=[180], DETR_RESIZE_MAX_SIZE=1000, DETR_CROP_PROB=0.0, RANDOM_FLIP="none",
-               DETR_WINDOW_SIZE=100)
-    mapper = DetrDatasetMapper(cfg, is_train=True)
-    path = _write_image(str(tmp_path / "a.png"), "RGB")
-    resized = torch.tensor([[20.0, 20, 80, 60], [120, 80, 200, 160]])  # as in the resize-only test
-    corners = set()
-    for seed in range(10):
-        np.random.seed(seed)
-        out = mapper(_dataset_dict(path))
-        assert tuple(out["image"].shape) == (3, 100, 100)
-        np.random.seed(seed)  # the same draws again, for the window's corner
-        window = mapper.augmentations(T.AugInput(np.zeros((90, 120, 3), np.uint8))).transforms[-1]
-        x0, y0 = window.x0, window.y0
-        corners.add((x0, y0))
-        expected = (resized - torch.tensor([x0, y0, x0, y0])).clamp(0, 100)
-        inside = (expected[:, 2] > expected[:, 0]) & (expected[:, 3] > expected[:, 1])
-        torch.testing.assert_close(out["instances"].gt_boxes.tensor, expected[inside])
-    assert len(corners) > 1
-    with pytest.raises(ValueError, match=r"INPUT.DETR_WINDOW_SIZE=-1 must be >= 0"):
-        build_detr_train_augmentation(_cfg(DETR_WINDOW_SIZE=-1))
-
-
 def test_grayscale_augmentation_greys_every_image_at_probability_1():
     """DETR_GRAYSCALE_PROB 1: every pixel becomes its luma (0.299 R + 0.587 G + 0.114 B) in all 3
     channels; at 0 the augmentation is not in the list."""

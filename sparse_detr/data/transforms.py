@@ -157,9 +157,7 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
     INPUT.DETR_CROP_PROB, INPUT.DETR_ROTATE_90, INPUT.DETR_COLOR_JITTER (s: brightness, contrast and
     saturation each scaled by a factor drawn from [1 - s, 1 + s]; 0 is off), INPUT.DETR_HUE_JITTER
     (degrees: the hue turned by an angle drawn from [-d, d], `RandomHueRotation`; 0 is off),
-    INPUT.DETR_GRAYSCALE_PROB (the probability of turning the image grey, luma in all 3 channels; 0 is off),
-    INPUT.DETR_WINDOW_SIZE (s: a random s x s window of the resized image, the whole side where it is
-    shorter; 0 is off).
+    INPUT.DETR_GRAYSCALE_PROB (the probability of turning the image grey, luma in all 3 channels; 0 is off).
     """
     crop_prob, jitter = cfg.INPUT.DETR_CROP_PROB, cfg.INPUT.DETR_COLOR_JITTER
     hue_degrees, grayscale_prob = cfg.INPUT.DETR_HUE_JITTER, cfg.INPUT.DETR_GRAYSCALE_PROB
@@ -171,9 +169,6 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
         raise ValueError(f"INPUT.DETR_HUE_JITTER={hue_degrees} must be in [0, 180] (degrees)")
     if not 0.0 <= grayscale_prob <= 1.0:
         raise ValueError(f"INPUT.DETR_GRAYSCALE_PROB={grayscale_prob} must be in [0, 1]")
-    window = cfg.INPUT.DETR_WINDOW_SIZE
-    if window < 0:
-        raise ValueError(f"INPUT.DETR_WINDOW_SIZE={window} must be >= 0 pixels (0: off)")
     resize = T.ResizeShortestEdge(
         cfg.INPUT.DETR_RESIZE_MIN_SIZES, cfg.INPUT.DETR_RESIZE_MAX_SIZE, sample_style="choice"
     )
@@ -187,8 +182,6 @@ def build_detr_train_augmentation(cfg) -> List[T.Augmentation]:
         augs.append(RandomRotate90())
     augs += _flips(cfg.INPUT.RANDOM_FLIP)
     augs.append(RandomSelect([resize], crop_branch, prob=1.0 - crop_prob))
-    if window > 0:
-        augs.append(T.RandomCrop("absolute", (window, window)))
     if jitter > 0:
         augs.append(RandomColorJitter(1.0 - jitter, 1.0 + jitter, cfg.INPUT.FORMAT))
     if hue_degrees > 0:
