@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include <torch/types.h>
@@ -66,6 +67,15 @@ SD_INLINE bool bilinear_setup(T loc_x, T loc_y, int64_t H, int64_t W, Bilinear<T
 }
 
 
+// "[2, 7, 3]": error messages are assembled with std::to_string and passed to TORCH_CHECK as one string.
+// Streaming int64_t or IntArrayRef through TORCH_CHECK's own formatter killed the process (SIGSEGV) instead
+// of raising on torch 2.11.0+cu130 with the extension built by that machine's /opt/gcc g++.
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 struct Dims {
   int64_t N, S, M, D, Lq, L, P;
 };
@@ -73,28 +83,33 @@ struct Dims {
 // Checks ranks, sizes, dtypes and devices (not the contents of spatial_shapes: see check_levels).
 inline Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                          const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got " + shape_str(value.sizes()));
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
+              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got " +
+                  shape_str(sampling_locations.sizes()));
   const Dims d{value.size(0), value.size(1), value.size(2), value.size(3),
                sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
   TORCH_CHECK(sampling_locations.size(0) == d.N && sampling_locations.size(2) == d.M,
-              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(), " do not match value ", value.sizes());
+              "ms_deform_attn: sampling_locations " + shape_str(sampling_locations.sizes()) + " do not match value " +
+                  shape_str(value.sizes()));
   TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights must be ", sampling_locations.sizes().slice(0, 5), ", got ",
-              attention_weights.sizes());
+              "ms_deform_attn: attention_weights must be " + shape_str(sampling_locations.sizes().slice(0, 5)) +
+                  ", got " + shape_str(attention_weights.sizes()));
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == d.L && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", d.L, ", got ", spatial_shapes.sizes());
+              "ms_deform_attn: spatial_shapes must be (L, 2) with L = " + std::to_string(d.L) + ", got " +
+                  shape_str(spatial_shapes.sizes()));
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == d.L,
-              "ms_deform_attn: level_start_index must be (L,) with L = ", d.L, ", got ", level_start_index.sizes());
+              "ms_deform_attn: level_start_index must be (L,) with L = " + std::to_string(d.L) + ", got " +
+                  shape_str(level_start_index.sizes()));
   TORCH_CHECK(!at::isFloatingType(spatial_shapes.scalar_type()) && !at::isFloatingType(level_start_index.scalar_type()),
               "ms_deform_attn: spatial_shapes and level_start_index must be integer tensors");
-  TORCH_CHECK(at::isFloatingType(value.scalar_type()), "ms_deform_attn: value must be floating point, got ",
-              value.scalar_type());
+  TORCH_CHECK(at::isFloatingType(value.scalar_type()), std::string("ms_deform_attn: value must be floating point, got ") +
+                  c10::toString(value.scalar_type()));
   TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
                   attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
-              value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
+              std::string("ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ") +
+                  c10::toString(value.scalar_type()) + ", " + c10::toString(sampling_locations.scalar_type()) + ", " +
+                  c10::toString(attention_weights.scalar_type()));
   TORCH_CHECK(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
               "ms_deform_attn: value, sampling_locations and attention_weights must be on one device");
   return d;
@@ -106,8 +121,10 @@ inline void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& lev
   const int64_t* starts = level_start_index.data_ptr<int64_t>();
   for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
-    TORCH_CHECK(H >= 0 && W >= 0 && start >= 0 && start + H * W <= S, "ms_deform_attn: level ", l, " (H=", H,
-                ", W=", W, ", start=", start, ") does not fit in value's S = ", S, " rows");
+    TORCH_CHECK(H >= 0 && W >= 0 && start >= 0 && start + H * W <= S,
+                "ms_deform_attn: level " + std::to_string(l) + " (H=" + std::to_string(H) + ", W=" + std::to_string(W) +
+                    ", start=" + std::to_string(start) + ") does not fit in value's S = " + std::to_string(S) +
+                    " rows");
   }
 }
 

@@ -339,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const Dims dims = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == dims.N && grad_output.size(1) == dims.Lq &&
                   grad_output.size(2) == dims.M * dims.D,
-              "ms_deform_attn_backward: grad_output must be (N, Lq, M * D), got ", grad_output.sizes());
+              "ms_deform_attn_backward: grad_output must be (N, Lq, M * D), got " +
+                  shape_str(grad_output.sizes()));
   if (is_reduced_float(value)) {
     auto [gv, gl, ga] = backward_cpu(grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes,
                                      level_start_index, sampling_locations.to(at::kFloat),

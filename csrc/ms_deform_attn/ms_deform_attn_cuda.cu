@@ -201,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
               "ms_deform_attn_backward (CUDA): grad_output and value must be CUDA tensors on one device");
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == dims.N && grad_output.size(1) == dims.Lq &&
                   grad_output.size(2) == dims.M * dims.D,
-              "ms_deform_attn_backward: grad_output must be (N, Lq, M * D), got ", grad_output.sizes());
+              "ms_deform_attn_backward: grad_output must be (N, Lq, M * D), got " +
+                  shape_str(grad_output.sizes()));
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor shapes, starts;
   std::tie(shapes, starts) = level_tensors(spatial_shapes, level_start_index, value);
