@@ -235,6 +235,34 @@ def test_every_config_builds(path):
     assert (model.transformer.enc_mask_predictor is not None) == (cfg.MODEL.SPARSE_DETR.RHO > 0)
 
 
+SCALED_SIZE_KEYS = ["INPUT.DETR_RESIZE_MIN_SIZES", "INPUT.DETR_RESIZE_MAX_SIZE", "INPUT.MIN_SIZE_TEST",
+                    "INPUT.MAX_SIZE_TEST", "TEST.AUG.MIN_SIZES", "TEST.AUG.MAX_SIZE"]
+
+
+@pytest.mark.parametrize("name", ["sparse_detr_R_50_rho_0.1_os", "deformable_detr_R_50_topk_bbr"])
+def test_float32_cpu_configs_are_their_twins_at_0_8_scale(name):
+    """The DeepForest configs for CPUs without bfloat16 kernels change nothing but the input sizes: the
+    test size, the middle TTA scale, the centre of the training range and the size caps are 0.8x."""
+    def flat(path):
+        cfg = add_sparse_detr_config(get_cfg())
+        cfg.merge_from_file(path)
+        items = {}
+        def walk(node, prefix):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.") if isinstance(value, dict) else items.update({prefix + key: value})
+        walk(cfg, "")
+        return items
+
+    native = flat(os.path.join(ROOT, "configs", "DeepForest", f"{name}_cpu.yaml"))
+    scaled = flat(os.path.join(ROOT, "configs", "DeepForest", f"{name}_fp32_cpu.yaml"))
+    assert {k for k in native if native[k] != scaled[k]} == set(SCALED_SIZE_KEYS) | {"OUTPUT_DIR"}
+    for key in ["INPUT.DETR_RESIZE_MAX_SIZE", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "TEST.AUG.MAX_SIZE"]:
+        assert scaled[key] == 0.8 * native[key], key
+    assert sorted(scaled["TEST.AUG.MIN_SIZES"])[1] == 0.8 * sorted(native["TEST.AUG.MIN_SIZES"])[1]
+    centre = lambda sizes: (min(sizes) + max(sizes)) / 2  # noqa: E731
+    assert centre(scaled["INPUT.DETR_RESIZE_MIN_SIZES"]) == 0.8 * centre(native["INPUT.DETR_RESIZE_MIN_SIZES"])
+
+
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "official_sparse_detr_small.pt.xz")
 
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The main job: Sparse DETR on real aerial photographs of tree crowns (DeepForest), on CPU.
 #
-#   bash tools/main_job.sh                       # Sparse DETR, rho 0.1, objectness selection (DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml)
+#   bash tools/main_job.sh                       # Sparse DETR, rho 0.1, objectness selection (see below)
 #   bash tools/main_job.sh CONFIG [KEY VALUE..]  # another config (e.g. the dense baseline), optional overrides
 #   bash tools/main_job.sh KEY VALUE [KEY VALUE..]  # the default config with overrides (e.g. SEED 1)
+#
+# The default config depends on the CPU: configs/DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml (tiles at
+# their native size) where oneDNN has bfloat16 kernels (AVX512), sparse_detr_R_50_rho_0.1_os_fp32_cpu.yaml
+# (tiles at 0.8) where it has none and training runs in float32 (AVX2 only).
 #
 # 1. sets up the environment (tools/setup.sh, idempotent);
 # 2. prepares the DeepForest tiles as COCO json train/val splits under datasets/deepforest (idempotent;
@@ -19,18 +23,31 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml
+CONFIG=""  # chosen for the CPU after setup (needs torch)
 if [[ $# -gt 0 && ( "$1" == *.yaml || "$1" == *.yml ) ]]; then  # else: only overrides, default config
     CONFIG="$1"
     shift
-fi
-if [[ ! -f "$CONFIG" ]]; then
-    echo "[main_job] config file not found: $CONFIG (usage: bash tools/main_job.sh [CONFIG.yaml] [KEY VALUE ...])" >&2
-    exit 2
+    if [[ ! -f "$CONFIG" ]]; then
+        echo "[main_job] config file not found: $CONFIG (usage: bash tools/main_job.sh [CONFIG.yaml] [KEY VALUE ...])" >&2
+        exit 2
+    fi
 fi
 if (( $# % 2 )); then
     echo "[main_job] overrides come in KEY VALUE pairs; got an odd number: $*" >&2
     exit 2
+fi
+PY="$ROOT/.venv/bin/python"
+export PYTHONWARNINGS="ignore::FutureWarning"  # torch.jit.script deprecation printed by fvcore at import
+
+bash tools/setup.sh
+if [[ -z "$CONFIG" ]]; then
+    if "$PY" -c "import sys; from sparse_detr.engine.trainer import cpu_has_bfloat16_kernels as k; sys.exit(not k())"; then
+        CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml
+        echo "[main_job] this CPU has bfloat16 kernels: the tiles at their native size ($CONFIG)"
+    else
+        CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_os_fp32_cpu.yaml
+        echo "[main_job] this CPU has no bfloat16 kernels (float32 training): the tiles at 0.8 ($CONFIG)"
+    fi
 fi
 NAME="$(basename "$CONFIG" .yaml)"
 OUT="output/main_job/$NAME"
@@ -38,10 +55,6 @@ overrides=("$@")
 for (( i = 0; i + 1 < ${#overrides[@]}; i += 2 )); do  # an OUTPUT_DIR override moves everything there
     [[ "${overrides[i]}" == OUTPUT_DIR ]] && OUT="${overrides[i + 1]}"
 done
-PY="$ROOT/.venv/bin/python"
-export PYTHONWARNINGS="ignore::FutureWarning"  # torch.jit.script deprecation printed by fvcore at import
-
-bash tools/setup.sh
 "$PY" -m sparse_detr.data.datasets
 
 # An interrupted run (a checkpoint that is not the final model) is resumed; otherwise start afresh.
