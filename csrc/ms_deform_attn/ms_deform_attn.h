@@ -69,7 +69,8 @@ SD_INLINE bool bilinear_setup(T loc_x, T loc_y, int64_t H, int64_t W, Bilinear<T
 
 // "[2, 7, 3]": error messages are assembled with std::to_string and passed to TORCH_CHECK as one string.
 // Streaming int64_t or IntArrayRef through TORCH_CHECK's own formatter killed the process (SIGSEGV) instead
-// of raising on torch 2.11.0+cu130 with the extension built by that machine's /opt/gcc g++.
+// of raising on an H200 machine's torch 2.11.0+cu130 (extension built there by /opt/gcc g++ on 2026-11-28 and
+// by g++ 13.3 on 2026-12-04); std::to_string sidesteps the formatter, the message reads the same.
 inline std::string shape_str(at::IntArrayRef sizes) {
   std::string out = "[";
   for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
