@@ -33,6 +33,10 @@ def add_sparse_detr_config(cfg):
     # "exact" (location*size - 0.5, where the attention op really samples).
     sd.DAM_CONVENTION = "official"
     sd.USE_ENC_AUX_LOSS = True
+    # The encoder auxiliary heads' sets matched to the ground truth repeated this many times (not in the
+    # paper; 1, the default, is the official one-to-one matching): each object supervises up to that many
+    # selected tokens in every encoder layer, a denser signal for short schedules. Training only.
+    sd.ENC_AUX_REPEATS = 1
     sd.TWO_STAGE = True
     sd.WITH_BOX_REFINE = True
     sd.EFF_QUERY_INIT = True

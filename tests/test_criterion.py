@@ -169,6 +169,30 @@ def test_all_prediction_sets_and_binary_encoder_head():
     assert torch.allclose(bin_losses["loss_ce_enc_0"], losses["loss_ce_enc_0"])
 
 
+def test_encoder_aux_sets_match_repeated_targets_one_to_many():
+    outputs, targets = _random_case(2, 5, 4, [2, 1], 3)
+    outputs["enc_outputs"] = _random_case(2, 7, 4, [], 12)[0]
+    outputs["aux_outputs_enc"] = [_random_case(2, 8, 4, [], 13)[0]]
+    one = SetCriterion(4, HungarianMatcher())(outputs, targets)
+    criterion = SetCriterion(4, HungarianMatcher(), enc_aux_repeats=3)
+    many = criterion(outputs, targets)
+    # Every object is matched to 3 distinct tokens of the set (8 tokens >= 3 x 2 objects).
+    repeated = [{"labels": t["labels"].repeat(3), "boxes": t["boxes"].repeat(3, 1)} for t in targets]
+    indices = criterion.matcher(outputs["aux_outputs_enc"][0], repeated)
+    assert [len(set(q.tolist())) for q, _ in indices] == [6, 3]
+    # Normalised by 3x the batch's 3 boxes: the set keeps its weight.
+    expected = criterion.set_losses(outputs["aux_outputs_enc"][0], repeated, 3.0 * 3, indices)
+    for k, v in expected.items():
+        assert torch.allclose(many[k + "_enc_0"], v)
+    assert not torch.allclose(many["loss_ce_enc_0"], one["loss_ce_enc_0"])
+    # The decoder and two-stage sets stay one-to-one.
+    for suffix in ("", "_enc"):
+        for k in ("loss_ce", "loss_bbox", "loss_giou"):
+            assert torch.equal(many[k + suffix], one[k + suffix])
+    with pytest.raises(ValueError, match="enc_aux_repeats=0 must be >= 1"):
+        SetCriterion(4, HungarianMatcher(), enc_aux_repeats=0)
+
+
 def test_empty_targets_positive_ce_zero_box_losses_finite_grads():
     outputs, _ = _random_case(2, 4, 3, [], 5)
     outputs = {k: v.clone().requires_grad_() for k, v in outputs.items()}

@@ -94,6 +94,7 @@ def test_inference_uses_the_one_to_one_queries_only():
     ({"ONE_TO_MANY_QUERIES": 5, "ONE_TO_MANY_LOSS_WEIGHT": 0.0}, "ONE_TO_MANY_LOSS_WEIGHT=0.0"),
     ({"ONE_TO_MANY_QUERIES": 5, "TWO_STAGE": False, "EFF_QUERY_INIT": False, "EFF_SPECIFIC_HEAD": False},
      "ONE_TO_MANY_QUERIES=5 needs two-stage"),
+    ({"ENC_AUX_REPEATS": 0}, r"MODEL.SPARSE_DETR.ENC_AUX_REPEATS=0 must be >= 1"),
 ])
 def test_invalid_one_to_many_configs_raise(overrides, match):
     with pytest.raises(ValueError, match=match):

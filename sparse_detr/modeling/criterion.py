@@ -8,6 +8,8 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
+from .one_to_many import repeat_targets
+
 __all__ = ["SetCriterion", "build_weight_dict", "varifocal_loss", "LOSS_NAMES", "ONE_TO_MANY_SUFFIX",
            "DENOISING_SUFFIX", "CLASS_LOSSES"]
 
@@ -86,7 +88,7 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, focal_alpha: float = 0.25,
-                 enc_class_specific: bool = True, class_loss: str = "focal"):
+                 enc_class_specific: bool = True, class_loss: str = "focal", enc_aux_repeats: int = 1):
         """
         Args:
             num_classes: C, the number of class logits.
@@ -95,6 +97,10 @@ class SetCriterion(nn.Module):
             enc_class_specific: supervise the two-stage proposals ("enc_outputs") with the real
                 labels; False supervises class 0 only (the official binary proposal head).
             class_loss: one of CLASS_LOSSES.
+            enc_aux_repeats: the encoder auxiliary sets ("aux_outputs_enc") are matched to the ground
+                truth repeated this many times, so every object supervises up to that many selected
+                tokens (one-to-many, as the hybrid matching of one_to_many.py); their losses are divided
+                by the repeats too, so each set keeps its weight. 1: the official one-to-one matching.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -104,6 +110,9 @@ class SetCriterion(nn.Module):
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"MODEL.SPARSE_DETR.CLASS_LOSS={class_loss!r}; allowed: {list(CLASS_LOSSES)}")
         self.class_loss = class_loss
+        if enc_aux_repeats < 1:
+            raise ValueError(f"enc_aux_repeats={enc_aux_repeats} must be >= 1 (1: one-to-one matching)")
+        self.enc_aux_repeats = enc_aux_repeats
 
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]],
                 indices: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
@@ -124,11 +133,13 @@ class SetCriterion(nn.Module):
             enc_targets = targets if self.enc_class_specific else [
                 {**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             sets.append(("_enc", outputs["enc_outputs"], enc_targets))
-        sets += [(f"_enc_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs_enc", []))]
-
         losses = {}
         for suffix, preds, tgts in sets:
             losses.update({k + suffix: v for k, v in self.set_losses(preds, tgts, num_boxes, indices).items()})
+        enc_aux_targets = repeat_targets(targets, self.enc_aux_repeats) if self.enc_aux_repeats > 1 else targets
+        for i, aux in enumerate(outputs.get("aux_outputs_enc", [])):
+            aux_losses = self.set_losses(aux, enc_aux_targets, num_boxes * self.enc_aux_repeats, indices)
+            losses.update({f"{k}_enc_{i}": v for k, v in aux_losses.items()})
         return losses
 
     def set_losses(self, preds: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]],

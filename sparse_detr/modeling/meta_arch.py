@@ -57,7 +57,7 @@ def validate_sparse_detr_config(cfg) -> None:
             if getattr(sd, name):
                 raise ValueError(f"{key}{name}=True applies to two-stage queries only: set {key}TWO_STAGE=True "
                                  f"or {key}{name}=False")
-    for name in ("ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES", "ONE_TO_MANY_REPEATS"):
+    for name in ("ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES", "ONE_TO_MANY_REPEATS", "ENC_AUX_REPEATS"):
         if getattr(sd, name) < 1:
             raise ValueError(f"{key}{name}={getattr(sd, name)} must be >= 1")
     if sd.ONE_TO_MANY_QUERIES < 0:
@@ -217,7 +217,8 @@ class SparseDETR(nn.Module):
         matcher = HungarianMatcher(cost_class=sd.SET_COST_CLASS, cost_bbox=sd.SET_COST_BBOX,
                                    cost_giou=sd.SET_COST_GIOU, focal_alpha=sd.FOCAL_ALPHA)
         criterion = SetCriterion(sd.NUM_CLASSES, matcher, focal_alpha=sd.FOCAL_ALPHA,
-                                 enc_class_specific=sd.EFF_SPECIFIC_HEAD, class_loss=sd.CLASS_LOSS)
+                                 enc_class_specific=sd.EFF_SPECIFIC_HEAD, class_loss=sd.CLASS_LOSS,
+                                 enc_aux_repeats=sd.ENC_AUX_REPEATS)
         weight_dict = build_weight_dict(
             sd.CLS_LOSS_COEF, sd.BBOX_LOSS_COEF, sd.GIOU_LOSS_COEF, sd.MASK_PREDICTION_COEF,
             dec_layers=sd.DEC_LAYERS if sd.AUX_LOSS else 1, two_stage=sd.TWO_STAGE,
