@@ -128,9 +128,10 @@ def add_sparse_detr_config(cfg):
     # Re-estimate the backbone's frozen batch-norm statistics on this many training images before a
     # fresh start (AdaBN; sparse_detr/engine/adapt_batchnorm.py). 0: keep the pretrained statistics.
     cfg.MODEL.BACKBONE.ADAPT_BN_IMAGES = 0
-    # Backbone stages (children of the backbone module, e.g. ["res5"]) frozen on top of FREEZE_AT, with
-    # their input detached: autograd runs no backward through them at all, while the stages before them
-    # still train through their own feature levels (sparse_detr/modeling/backbone.py, `detach_stages`).
+    # Backbone stages (children of the backbone module, e.g. ["res5"]) or blocks of a stage (dotted, e.g.
+    # "res4.0") frozen on top of FREEZE_AT, with their input detached: autograd runs no backward through
+    # them at all, while the stages before them still train through their own feature levels
+    # (sparse_detr/modeling/backbone.py, `detach_stages`).
     cfg.MODEL.BACKBONE.DETACHED_STAGES = []
 
     # Test-time augmentation (sparse_detr/modeling/test_time_augmentation.py), with Detectron2's keys

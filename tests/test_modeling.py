@@ -208,6 +208,26 @@ def test_detached_stage_is_frozen_and_cut_from_the_gradient():
     cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res6"]
     with pytest.raises(ValueError, match="DETACHED_STAGES.*res6.*'res5'"):
         build_model(cfg)
+    cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res4.7"]
+    with pytest.raises(ValueError, match=r"DETACHED_STAGES.*res4\.7.*blocks"):
+        build_model(cfg)
+
+
+def test_detached_block_freezes_the_start_of_a_stage():
+    """MODEL.BACKBONE.DETACHED_STAGES ["res4.0"] (a block of a stage): that block is frozen and gets no
+    gradient, and the stage's next block trains."""
+    cfg = tiny_cfg()
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.DETACHED_STAGES = ["res4.0"]
+    cfg.MODEL.RESNETS.NORM = "BN"
+    model = build_model(cfg).train()
+    frozen, next_block = model.backbone.res4[0], model.backbone.res4[1]
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    with EventStorage():
+        sum(model(make_inputs([(64, 96)])).values()).backward()
+    assert all(p.grad is None for p in frozen.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in next_block.parameters())
 
 
 def test_look_forward_twice_reaches_the_previous_refinement_head():

@@ -47,20 +47,31 @@ def _detach_input(stage: nn.Module, args):
 
 
 def detach_stages(backbone: nn.Module, names: Sequence[str]) -> None:
-    """Freeze the named children of `backbone` (e.g. a ResNet's "res5") and detach their input, so that
-    no backward pass runs through them: a cheaper step than FREEZE_AT alone can give when the frozen
-    stage is the last one. The stages before them train through their own outputs only. On the main
-    job's AVX2 CPU, ["res5"] made float32 steps 18 % faster; the DeepForest configs use it (docs/workflows.md,
-    eleventh and twelfth sessions)."""
-    children = {name: module for name, module in backbone.named_children()
-                if next(module.parameters(), None) is not None}
-    unknown = [name for name in names if name not in children]
+    """Freeze the named stages of `backbone` (its children, e.g. a ResNet's "res5") or blocks of a stage
+    (dotted paths, e.g. "res4.0") and detach their input, so that no backward pass runs through them: a
+    cheaper step than FREEZE_AT alone can give when the frozen stage is the last one, or when the first
+    blocks of the first trained stage are frozen. The stages before them train through their own
+    outputs only. On the main job's AVX2 CPU, ["res5"] made float32 steps 18 % faster; the DeepForest
+    configs use it (docs/workflows.md, eleventh and twelfth sessions)."""
+    def trainable_module(name):
+        try:
+            module = backbone.get_submodule(name)
+        except AttributeError:
+            return None
+        return module if next(module.parameters(), None) is not None else None
+
+    unknown = [name for name in names if trainable_module(name) is None]
     if unknown:
-        raise ValueError(f"MODEL.BACKBONE.DETACHED_STAGES: {unknown} are not stages of the backbone; "
-                         f"its stages: {sorted(children)}")
+        stages = [name for name, module in backbone.named_children()
+                  if next(module.parameters(), None) is not None]
+        raise ValueError(f"MODEL.BACKBONE.DETACHED_STAGES: {unknown} are not stages of the backbone nor "
+                         f"blocks of one (e.g. '{stages[-1]}.0'); its stages: {stages}")
     for name in names:
-        stage = FrozenBatchNorm2d.convert_frozen_batchnorm(children[name])  # batch norms too, as FREEZE_AT
+        parent_name, _, child_name = name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        # batch norms too, as FREEZE_AT
+        stage = FrozenBatchNorm2d.convert_frozen_batchnorm(backbone.get_submodule(name))
         for p in stage.parameters():
             p.requires_grad_(False)
         stage.register_forward_pre_hook(_detach_input)
-        setattr(backbone, name, stage)
+        setattr(parent, child_name, stage)
