@@ -53,17 +53,16 @@ def detach_stages(backbone: nn.Module, names: Sequence[str]) -> None:
     blocks of the first trained stage are frozen. The stages before them train through their own
     outputs only. On the main job's AVX2 CPU, ["res5"] made float32 steps 18 % faster; the DeepForest
     configs use it (docs/workflows.md, eleventh and twelfth sessions)."""
-    def trainable_module(name):
+    def module_with_parameters(name):
         try:
             module = backbone.get_submodule(name)
         except AttributeError:
             return None
         return module if next(module.parameters(), None) is not None else None
 
-    unknown = [name for name in names if trainable_module(name) is None]
+    unknown = [name for name in names if module_with_parameters(name) is None]
     if unknown:
-        stages = [name for name, module in backbone.named_children()
-                  if next(module.parameters(), None) is not None]
+        stages = [name for name, _ in backbone.named_children() if module_with_parameters(name) is not None]
         raise ValueError(f"MODEL.BACKBONE.DETACHED_STAGES: {unknown} are not stages of the backbone nor "
                          f"blocks of one (e.g. '{stages[-1]}.0'); its stages: {stages}")
     for name in names:
