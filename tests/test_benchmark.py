@@ -101,8 +101,8 @@ def test_config_for_rho(bm):
 
 def test_main_writes_outputs(bm, tmp_path, monkeypatch, capsys):
     """The command line with a shipped config, shrunk through config overrides; --amp on a CPU without
-    bfloat16 kernels is warned about and noted in the report."""
-    monkeypatch.setattr(bm, "cpu_has_bfloat16_kernels", lambda: False)
+    bfloat16 instructions is warned about and noted in the report."""
+    monkeypatch.setattr(bm, "cpu_has_native_bfloat16", lambda: False)
     cfg = tiny_cfg()
     opts = []
     for key in ("NUM_CLASSES", "HIDDEN_DIM", "NHEADS", "DIM_FEEDFORWARD", "ENC_LAYERS", "DEC_LAYERS", "ENC_N_POINTS",
@@ -113,9 +113,9 @@ def test_main_writes_outputs(bm, tmp_path, monkeypatch, capsys):
                     "--rho", "0.0", "0.1", "--flops-image", "64x96", "--skip-latency", "--threads", "1",
                     "--output-dir", str(tmp_path), "--amp", *opts])
     assert len(rows) == 2
-    assert "without bfloat16 kernels" in capsys.readouterr().err
+    assert "without bfloat16 instructions" in capsys.readouterr().err
     report = (tmp_path / "benchmark.md").read_text()
-    assert "load average" in report and "| 0.1 |" in report and "no bfloat16 kernels on this CPU" in report
+    assert "load average" in report and "| 0.1 |" in report and "no bfloat16 instructions on this CPU" in report
     assert len(json.loads((tmp_path / "benchmark.json").read_text())["rows"]) == 2
     assert (tmp_path / "benchmark.png").exists()
 

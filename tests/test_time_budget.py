@@ -1,6 +1,6 @@
 """SOLVER.TRAIN_TIME_BUDGET (TrainTimeBudget): the schedule shrinks to fit the budget, learning-rate
 drop and final checkpoint included, --resume continues it and several processes stop together;
-bfloat16 autocast only where the CPU has bfloat16 kernels."""
+bfloat16 autocast only where the CPU has bfloat16 instructions."""
 import os
 import sys
 from datetime import timedelta
@@ -162,18 +162,32 @@ def test_a_negative_budget_is_refused_naming_the_key(tmp_path):
         Trainer(_cfg(str(tmp_path), 4, "SOLVER.TRAIN_TIME_BUDGET", "-5"))
 
 
-def test_cpu_autocast_needs_bfloat16_kernels(tmp_path, monkeypatch, caplog):
+def test_cpu_autocast_needs_bfloat16_instructions(tmp_path, monkeypatch, caplog):
     cfg = _cfg(str(tmp_path), 4, "SOLVER.AMP.ENABLED", "True")
-    monkeypatch.setattr(trainer_module, "cpu_has_bfloat16_kernels", lambda: True)
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bfloat16", lambda: True)
     assert Trainer.step_runner_type(cfg, on_cpu=True) is CPUAMPTrainer
     assert Trainer.step_runner_type(cfg, on_cpu=False) is AMPTrainer
-    monkeypatch.setattr(trainer_module, "cpu_has_bfloat16_kernels", lambda: False)
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bfloat16", lambda: False)
     trainer_module.logger.addHandler(caplog.handler)  # Detectron2's logger setup stops propagation
     try:
         assert Trainer.step_runner_type(cfg, on_cpu=True) is SimpleTrainer
     finally:
         trainer_module.logger.removeHandler(caplog.handler)
-    assert "no bfloat16 kernels" in caplog.text and "training in float32" in caplog.text
+    assert "no bfloat16 instructions" in caplog.text and "training in float32" in caplog.text
     cfg.defrost()
     cfg.SOLVER.AMP.ENABLED = False
     assert Trainer.step_runner_type(cfg, on_cpu=True) is SimpleTrainer
+
+
+@pytest.mark.parametrize("mkldnn_bf16, avx512_bf16, amx, expected", [
+    (True, True, False, True),    # AVX512-BF16 (AMD Zen 4)
+    (True, False, True, True),    # AMX (Intel Sapphire Rapids and later)
+    (True, False, False, False),  # AVX512 without BF16: oneDNN converts to float32, slower than float32
+    (False, False, False, False),  # AVX2 only: reference code
+])
+def test_native_bfloat16_needs_the_instructions_not_only_onednn_kernels(monkeypatch, mkldnn_bf16, avx512_bf16,
+                                                                        amx, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert trainer_module.cpu_has_native_bfloat16() is expected

@@ -192,8 +192,8 @@ def test_resume_continues_at_the_next_iteration(trained, tmp_path):
 def test_amp_on_cpu_trains_in_bfloat16_with_float32_losses(trained, tmp_path, monkeypatch):
     """SOLVER.AMP.ENABLED with a CPU model: CPUAMPTrainer runs the convolutions and linear layers in
     bfloat16, the losses come out in float32 and finite, and the weights move (on any CPU: the check
-    for bfloat16 kernels, which picks float32 on CPUs without them, is tested in test_time_budget.py)."""
-    monkeypatch.setattr(trainer_module, "cpu_has_bfloat16_kernels", lambda: True)
+    for bfloat16 instructions, which picks float32 on CPUs without them, is tested in test_time_budget.py)."""
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bfloat16", lambda: True)
     cfg = train_net.setup(_args(str(tmp_path), 2, extra=["SOLVER.AMP.ENABLED", "True"]))
     trainer = train_net.Trainer(cfg)
     assert type(trainer._trainer) is CPUAMPTrainer
@@ -241,7 +241,7 @@ SCALED_SIZE_KEYS = ["INPUT.DETR_RESIZE_MIN_SIZES", "INPUT.DETR_RESIZE_MAX_SIZE",
 
 @pytest.mark.parametrize("name", ["sparse_detr_R_50_rho_0.1_os", "deformable_detr_R_50_topk_bbr"])
 def test_float32_cpu_configs_are_their_twins_at_0_8_scale(name):
-    """The DeepForest configs for CPUs without bfloat16 kernels change nothing but the input sizes: the
+    """The DeepForest configs for CPUs without bfloat16 instructions change nothing but the input sizes: the
     test size, the middle TTA scale, the centre of the training range and the size caps are 0.8x."""
     def flat(path):
         cfg = add_sparse_detr_config(get_cfg())

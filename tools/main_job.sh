@@ -6,8 +6,8 @@
 #   bash tools/main_job.sh KEY VALUE [KEY VALUE..]  # the default config with overrides (e.g. SEED 1)
 #
 # The default config depends on the CPU: configs/DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml (tiles at
-# their native size) where oneDNN has bfloat16 kernels (AVX512), sparse_detr_R_50_rho_0.1_os_fp32_cpu.yaml
-# (tiles at 0.8) where it has none and training runs in float32 (AVX2 only).
+# their native size) where the CPU has bfloat16 instructions (AVX512-BF16 or AMX),
+# sparse_detr_R_50_rho_0.1_os_fp32_cpu.yaml (tiles at 0.8) where it has none and training runs in float32.
 #
 # 1. sets up the environment (tools/setup.sh, idempotent);
 # 2. prepares the DeepForest tiles as COCO json train/val splits under datasets/deepforest (idempotent;
@@ -41,12 +41,12 @@ export PYTHONWARNINGS="ignore::FutureWarning"  # torch.jit.script deprecation pr
 
 bash tools/setup.sh
 if [[ -z "$CONFIG" ]]; then
-    if "$PY" -c "import sys; from sparse_detr.engine.trainer import cpu_has_bfloat16_kernels as k; sys.exit(not k())"; then
+    if "$PY" -c "import sys; from sparse_detr.engine.trainer import cpu_has_native_bfloat16 as k; sys.exit(not k())"; then
         CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_os_cpu.yaml
-        echo "[main_job] this CPU has bfloat16 kernels: the tiles at their native size ($CONFIG)"
+        echo "[main_job] this CPU has bfloat16 instructions: the tiles at their native size ($CONFIG)"
     else
         CONFIG=configs/DeepForest/sparse_detr_R_50_rho_0.1_os_fp32_cpu.yaml
-        echo "[main_job] this CPU has no bfloat16 kernels (float32 training): the tiles at 0.8 ($CONFIG)"
+        echo "[main_job] this CPU has no bfloat16 instructions (float32 training): the tiles at 0.8 ($CONFIG)"
     fi
 fi
 NAME="$(basename "$CONFIG" .yaml)"

@@ -53,7 +53,7 @@ from torch import nn
 
 import sparse_detr
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.engine import cpu_has_bfloat16_kernels
+from sparse_detr.engine import cpu_has_native_bfloat16
 from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
 
 __all__ = ["config_for_rho", "paper_row", "count_parameters", "count_flops", "random_batch", "measure_latency",
@@ -620,10 +620,10 @@ def main(argv=None) -> List[Dict]:
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else str(argv)
     env_before = _environment(args.device)
     print(env_before, flush=True)
-    slow_amp = args.amp and args.device == "cpu" and not cpu_has_bfloat16_kernels()
+    slow_amp = args.amp and args.device == "cpu" and not cpu_has_native_bfloat16()
     if slow_amp:
-        print("WARNING: --amp on a CPU without bfloat16 kernels (oneDNN has them from AVX512 on): the bfloat16 "
-              "forwards run reference code, several times slower than float32", file=sys.stderr, flush=True)
+        print("WARNING: --amp on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): the bfloat16 "
+              "forwards run reference or converting code, several times slower than float32", file=sys.stderr, flush=True)
     rows = run_benchmark(cfg, args.rho, args.batch_size, args.image, args.flops_image, args.warmup, args.iters,
                          flops=not args.skip_flops, latency=not args.skip_latency, as_official=args.as_official,
                          channels_last=args.channels_last, amp=args.amp,
@@ -638,7 +638,7 @@ def main(argv=None) -> List[Dict]:
              f"{'' if args.no_fold_batchnorm else 'batch norms folded, '}"
              f"{'oneDNN linears, ' if cfg.MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR and args.device == 'cpu' else ''}"
              f"{f'autocast {autocast_dtype(torch.device(args.device))}, ' if args.amp else ''}"
-             f"{'no bfloat16 kernels on this CPU, ' if slow_amp else ''}"
+             f"{'no bfloat16 instructions on this CPU, ' if slow_amp else ''}"
              f"{'freed memory cached (mallopt), ' if args.cache_freed_memory else ''}{args.device}; "
              "models timed in turn; CPU time: process CPU time per forward (all threads); peak memory: "
              "during the warm-up, above the loaded models.",

@@ -5,7 +5,7 @@ from .optimizer import (
     maybe_add_full_model_gradient_clipping,
 )
 from .time_budget import TrainTimeBudget
-from .trainer import CPUAMPTrainer, Trainer, cpu_has_bfloat16_kernels
+from .trainer import CPUAMPTrainer, Trainer, cpu_has_native_bfloat16
 from .weight_ema import WeightEMA
 
 __all__ = [
@@ -13,7 +13,7 @@ __all__ = [
     "CPUAMPTrainer",
     "WeightEMA",
     "TrainTimeBudget",
-    "cpu_has_bfloat16_kernels",
+    "cpu_has_native_bfloat16",
     "build_sparse_detr_optimizer",
     "get_sparse_detr_param_groups",
     "maybe_add_full_model_gradient_clipping",

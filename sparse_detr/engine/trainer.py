@@ -21,16 +21,20 @@ from .optimizer import build_sparse_detr_optimizer
 from .time_budget import TrainTimeBudget
 from .weight_ema import WeightEMA
 
-__all__ = ["Trainer", "CPUAMPTrainer", "cpu_has_bfloat16_kernels"]
+__all__ = ["Trainer", "CPUAMPTrainer", "cpu_has_native_bfloat16"]
 
 logger = logging.getLogger(__name__)
 
 
-def cpu_has_bfloat16_kernels() -> bool:
-    """Whether oneDNN has bfloat16 kernels for this CPU (AVX512 or newer). Without them (AVX2-only
-    CPUs) bfloat16 autocast runs reference code: over 8x slower than float32 on a 2-core AMD EPYC
-    (Zen 3), where float32 takes 2.2-2.5 s per main-job iteration."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def cpu_has_native_bfloat16() -> bool:
+    """Whether bfloat16 autocast is fast on this CPU: oneDNN has bfloat16 kernels for it and the CPU has
+    bfloat16 instructions for them (AVX512-BF16 or AMX). Without AVX512 the kernels are reference code
+    (a main-job step over 8x slower than float32 on a 2-core AMD EPYC, Zen 3); with AVX512 but without
+    its BF16 extension they convert every operand to float32 (2.6x slower than float32 on a 2-core Intel
+    Xeon, family 6 model 207, whose hypervisor hides AVX512-BF16 and AMX)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class CPUAMPTrainer(SimpleTrainer):
@@ -57,7 +61,7 @@ class Trainer(DefaultTrainer):
     * several processes also work on CPU (gloo): DistributedDataParallel gets no `device_ids`
       for a CPU model, where stock DefaultTrainer passes the local rank and DDP refuses it;
     * SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (float16) on CUDA, `CPUAMPTrainer` (bfloat16) on a CPU
-      with bfloat16 kernels (float32, with a warning, on one without: bfloat16 would be much slower);
+      with bfloat16 instructions (float32, with a warning, on one without: bfloat16 would be much slower);
     * SOLVER.TRAIN_TIME_BUDGET > 0: the schedule is shortened to end within that many seconds when the
       machine is too slow for it (`TrainTimeBudget`);
     * SOLVER.EMA.ENABLED: an exponential moving average of the weights (`WeightEMA`) becomes the final
@@ -94,16 +98,16 @@ class Trainer(DefaultTrainer):
     @staticmethod
     def step_runner_type(cfg, on_cpu: bool) -> type:
         """The SimpleTrainer class that runs the steps: AMP is float16 + GradScaler on CUDA, bfloat16 on
-        a CPU with bfloat16 kernels; plain float32 otherwise."""
+        a CPU with bfloat16 instructions; plain float32 otherwise."""
         if not cfg.SOLVER.AMP.ENABLED:
             return SimpleTrainer
         if not on_cpu:
             return AMPTrainer
-        if not cpu_has_bfloat16_kernels():
+        if not cpu_has_native_bfloat16():
             logger.warning(
                 f"SOLVER.AMP.ENABLED: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 "
-                "kernels (they need AVX512), so bfloat16 autocast would be several times slower than "
-                "float32: training in float32")
+                "instructions (AVX512-BF16 or AMX), so bfloat16 autocast would be several times slower "
+                "than float32: training in float32")
             return SimpleTrainer
         return CPUAMPTrainer
 
