@@ -241,8 +241,9 @@ SCALED_SIZE_KEYS = ["INPUT.DETR_RESIZE_MIN_SIZES", "INPUT.DETR_RESIZE_MAX_SIZE",
 
 @pytest.mark.parametrize("name", ["sparse_detr_R_50_rho_0.1_os", "deformable_detr_R_50_topk_bbr"])
 def test_float32_cpu_configs_are_their_twins_at_0_8_scale(name):
-    """The DeepForest configs for CPUs without bfloat16 instructions change nothing but the input sizes: the
-    test size, the middle TTA scale, the centre of the training range and the size caps are 0.8x."""
+    """The DeepForest configs for CPUs without bfloat16 instructions change nothing but the input sizes and
+    res3's fine-tuning: the test size, the middle TTA scale, the centre of the training range and the size
+    caps are 0.8x, and res3 is frozen (FREEZE_AT 3) where the bfloat16 config fine-tunes it (2)."""
     def flat(path):
         cfg = add_sparse_detr_config(get_cfg())
         cfg.merge_from_file(path)
@@ -255,7 +256,8 @@ def test_float32_cpu_configs_are_their_twins_at_0_8_scale(name):
 
     native = flat(os.path.join(ROOT, "configs", "DeepForest", f"{name}_cpu.yaml"))
     scaled = flat(os.path.join(ROOT, "configs", "DeepForest", f"{name}_fp32_cpu.yaml"))
-    assert {k for k in native if native[k] != scaled[k]} == set(SCALED_SIZE_KEYS) | {"OUTPUT_DIR"}
+    assert {k for k in native if native[k] != scaled[k]} == set(SCALED_SIZE_KEYS) | {"OUTPUT_DIR", "MODEL.BACKBONE.FREEZE_AT"}
+    assert (native["MODEL.BACKBONE.FREEZE_AT"], scaled["MODEL.BACKBONE.FREEZE_AT"]) == (2, 3)
     for key in ["INPUT.DETR_RESIZE_MAX_SIZE", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "TEST.AUG.MAX_SIZE"]:
         assert scaled[key] == 0.8 * native[key], key
     assert sorted(scaled["TEST.AUG.MIN_SIZES"])[1] == 0.8 * sorted(native["TEST.AUG.MIN_SIZES"])[1]
