@@ -91,6 +91,10 @@ def add_sparse_detr_config(cfg):
     # Run the model's float32 linear layers through oneDNN in CPU inference (sparse_detr.layers.onednn_linear:
     # about 2x faster than PyTorch's MKL path on AMD CPUs; same parameters; training is unaffected).
     sd.CPU_ONEDNN_LINEAR = True
+    # Run the backbone's ResNet stages on oneDNN tensors (batch norms folded, weights reordered once) in CPU
+    # float32 wherever no gradient flows through them: the frozen stages in training, all in inference
+    # (sparse_detr.layers.onednn_stages; same parameters, same outputs to float rounding).
+    sd.CPU_ONEDNN_STAGES = True
 
     # Swin-T backbone (build_sparse_detr_swin_backbone).
     cfg.MODEL.SWIN = CN()

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from ..layers.onednn_linear import use_onednn_linears
+from ..layers.onednn_stages import use_onednn_stages
 from ..layers.position_encoding import PositionEmbeddingSine
 from .backbone import detach_stages
 from .criterion import DENOISING_SUFFIX, ONE_TO_MANY_SUFFIX, SetCriterion, build_weight_dict
@@ -122,7 +123,7 @@ class SparseDETR(nn.Module):
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False,
-                 cpu_onednn_linear: bool = True, one_to_many_queries: int = 0, one_to_many_repeats: int = 6,
+                 cpu_onednn_linear: bool = True, cpu_onednn_stages: bool = True, one_to_many_queries: int = 0, one_to_many_repeats: int = 6,
                  dn_groups: int = 0, dn_box_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.2):
         """
         Args:
@@ -137,6 +138,9 @@ class SparseDETR(nn.Module):
                 `TokenScorer.dam_correlation`) to every image's output dict.
             cpu_onednn_linear: make every `nn.Linear` (backbone included) a `OneDNNLinear`, faster in
                 CPU float32 inference and identical elsewhere.
+            cpu_onednn_stages: run the backbone's ResNet stages on oneDNN tensors in CPU float32 wherever
+                no gradient flows through them (frozen stages in training, all in inference; see
+                sparse_detr/layers/onednn_stages.py); the same outputs to float rounding.
             one_to_many_queries, one_to_many_repeats: (two-stage, training only) extra queries matched to
                 the ground truth repeated `one_to_many_repeats` times (see one_to_many.py); their losses
                 need `weight_dict` entries with ONE_TO_MANY_SUFFIX (build_weight_dict's one_to_many_weight).
@@ -203,6 +207,8 @@ class SparseDETR(nn.Module):
             self.dn_label_embed = nn.Embedding(num_classes, d_model)
         if cpu_onednn_linear:
             use_onednn_linears(self)
+        if cpu_onednn_stages:
+            use_onednn_stages(self.backbone)
 
     @classmethod
     def from_config(cls, cfg):
@@ -234,7 +240,8 @@ class SparseDETR(nn.Module):
             "enc_aux_heads_at_inference": sd.ENC_AUX_HEADS_AT_INFERENCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE, "test_dam_correlation": sd.TEST_DAM_CORRELATION,
-            "cpu_onednn_linear": sd.CPU_ONEDNN_LINEAR, "one_to_many_queries": sd.ONE_TO_MANY_QUERIES,
+            "cpu_onednn_linear": sd.CPU_ONEDNN_LINEAR, "cpu_onednn_stages": sd.CPU_ONEDNN_STAGES,
+            "one_to_many_queries": sd.ONE_TO_MANY_QUERIES,
             "one_to_many_repeats": sd.ONE_TO_MANY_REPEATS, "dn_groups": sd.DN_GROUPS,
             "dn_box_noise_scale": sd.DN_BOX_NOISE_SCALE, "dn_label_noise_ratio": sd.DN_LABEL_NOISE_RATIO,
         }
