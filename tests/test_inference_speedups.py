@@ -1,6 +1,9 @@
 """CPU speed-ups: oneDNN linears (sparse_detr.layers.onednn_linear) and frozen batch norms folded into
-convolutions (sparse_detr.layers.fold_batchnorm) in inference, both leaving the outputs unchanged; the
+convolutions (sparse_detr.layers.fold_batchnorm) in inference, backbone stages on oneDNN tensors where no
+gradient flows through them (sparse_detr.layers.onednn_stages), all leaving the outputs unchanged; the
 backbone input's memory format (`SparseDETR.pre_transformer`)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,7 @@ from torch import nn
 
 from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
 from sparse_detr.layers.onednn_linear import OneDNNLinear, onednn_linear_available, use_onednn_linears
+from sparse_detr.layers.onednn_stages import OneDNNConv2d
 from utils import make_inputs, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -115,3 +119,112 @@ def test_backbone_input_is_channels_last_except_in_float32_training():
     with torch.no_grad():
         model(inputs)
     assert seen == [False, True, True]
+
+
+def _randomize_frozen_batchnorms(model: nn.Module) -> None:
+    """Non-trivial statistics, as in a pretrained backbone."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+
+
+def _onednn_and_plain_models():
+    """The tiny model with CPU_ONEDNN_STAGES on and off, same weights (stem and res2 frozen: FREEZE_AT 2)."""
+    torch.manual_seed(0)
+    fast = build_model(tiny_cfg(CPU_ONEDNN_STAGES=True))
+    _randomize_frozen_batchnorms(fast)
+    plain = build_model(tiny_cfg(CPU_ONEDNN_STAGES=False))
+    assert plain.load_state_dict(fast.state_dict()).missing_keys == []
+    return fast, plain
+
+
+def _runs_onednn_convolutions(fn) -> bool:
+    """Whether `fn()` moves activations to oneDNN tensors (the ordinary CPU convolution is oneDNN's too,
+    `aten::mkldnn_convolution`, but on plain tensors)."""
+    return "aten::to_mkldnn" in _ops(fn)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_stages_keep_inference_outputs_and_state_dict():
+    fast, plain = _onednn_and_plain_models()
+    convs = [name for name, m in plain.backbone.named_modules() if type(m).__name__ == "Conv2d"]
+    fast_modules = dict(fast.backbone.named_modules())
+    assert convs and all(type(fast_modules[name]) is OneDNNConv2d for name in convs)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    fast.eval(), plain.eval()
+    images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, want = fast.backbone(images), plain.backbone(images)
+        assert _runs_onednn_convolutions(lambda: fast.backbone(images))
+        assert not _runs_onednn_convolutions(lambda: plain.backbone(images))
+        for name in want:
+            assert got[name].layout == torch.strided and not got[name].is_mkldnn
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+        inputs = make_inputs(((64, 96), (80, 64)))
+        got, want = fast.forward_raw(inputs), plain.forward_raw(inputs)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_stages_in_training_only_where_no_gradient_flows():
+    """In training the frozen stem and res2 take the oneDNN path, the trained res3..res5 the ordinary
+    one; losses and gradients are those of the plain model."""
+    fast, plain = _onednn_and_plain_models()
+    stages_on_onednn = []
+    for name, stage in fast.backbone.named_children():
+        stage.register_forward_hook(lambda m, args, out, name=name: stages_on_onednn.append(name)
+                                    if args[0].is_mkldnn else None)
+    inputs = make_inputs(((64, 96), (80, 64)))
+    with EventStorage(0):
+        losses = [sum(model(inputs).values()) for model in (fast, plain)]
+    assert stages_on_onednn == ["stem", "res2"]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+    for loss in losses:
+        loss.backward()
+    grads = dict(plain.named_parameters())
+    trained = [(name, p) for name, p in fast.named_parameters() if p.requires_grad]
+    assert any(name.startswith("backbone.res3") for name, _ in trained)
+    for name, p in trained:
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_stages_fall_back_where_they_must():
+    """A gradient through the stage, bfloat16 autocast, float64 and tracing take the ordinary path."""
+    fast, _ = _onednn_and_plain_models()
+    stem = fast.backbone.stem
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    assert not _runs_onednn_convolutions(lambda: stem(x).sum().backward())
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert _runs_onednn_convolutions(lambda: stem(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert stem(x).dtype == torch.bfloat16
+        assert not _runs_onednn_convolutions(lambda: copy.deepcopy(stem).double()(x.double()))
+        traced = torch.jit.trace(stem, x.detach())
+    assert "mkldnn" not in str(traced.graph)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_stages_follow_weight_changes_and_copy():
+    """The folded weights are rebuilt after a checkpoint load or a frozen batch norm's update (no stale
+    cache), and a model that has run can be deep-copied (the oneDNN cache is not copied)."""
+    fast, plain = _onednn_and_plain_models()
+    fast.eval(), plain.eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fast.backbone(images)
+        _randomize_frozen_batchnorms(plain)
+        for p in plain.backbone.parameters():
+            p.mul_(1.1)
+        fast.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(fast.backbone(images)["res5"], plain.backbone(images)["res5"],
+                                   rtol=1e-4, atol=1e-4)
+        twin = copy.deepcopy(fast)
+        torch.testing.assert_close(twin.backbone(images)["res5"], plain.backbone(images)["res5"],
+                                   rtol=1e-4, atol=1e-4)

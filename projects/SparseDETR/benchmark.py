@@ -22,7 +22,8 @@ config is two-stage with box refinement). Models have random weights. For each r
   threads (the process CPU time per forward too), CUDA with torch.cuda.synchronize() around every
   forward; the backbone's frozen batch norms folded into its convolutions (--no-fold-batchnorm keeps
   them) and, on CPU, float32 linears through oneDNN (MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR, default on;
-  pass `MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR False` to time PyTorch's MKL path);
+  pass `MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR False` to time PyTorch's MKL path) and the backbone's stages
+  on oneDNN tensors (MODEL.SPARSE_DETR.CPU_ONEDNN_STAGES, default on; `False` times the plain tensors);
 * peak memory during the warm-up forwards over the process with the models loaded: peak RSS (VmHWM,
   reset through /proc/self/clear_refs) on CPU, torch.cuda.max_memory_allocated on CUDA.
 
@@ -637,6 +638,7 @@ def main(argv=None) -> List[Dict]:
              f"{'channels_last, ' if args.channels_last else ''}"
              f"{'' if args.no_fold_batchnorm else 'batch norms folded, '}"
              f"{'oneDNN linears, ' if cfg.MODEL.SPARSE_DETR.CPU_ONEDNN_LINEAR and args.device == 'cpu' else ''}"
+             f"{'oneDNN backbone stages, ' if cfg.MODEL.SPARSE_DETR.CPU_ONEDNN_STAGES and args.device == 'cpu' else ''}"
              f"{f'autocast {autocast_dtype(torch.device(args.device))}, ' if args.amp else ''}"
              f"{'no bfloat16 instructions on this CPU, ' if slow_amp else ''}"
              f"{'freed memory cached (mallopt), ' if args.cache_freed_memory else ''}{args.device}; "

@@ -6,10 +6,10 @@ each call reorders its input, weight and output between that layout and oneDNN's
 needed (the stages frozen by FREEZE_AT or MODEL.BACKBONE.DETACHED_STAGES in training, every stage in
 inference) none of that has to be paid per call: the batch norm folds into the convolution, the folded
 weight is reordered once, and the stage's activations stay oneDNN ("mkldnn") tensors from its input to
-its output. For stem + res2 + res3 of two 320x320 images on a 2-core AMD EPYC (Zen 3, AVX2) this takes
-142 instead of 254 ms (median of 18 timings); float32 training of the main job spends about a quarter of
-its step there. Why not TorchScript's `optimize_for_inference`, which does the same: it is as fast
-here but needs a traced copy per stage, and TorchScript is deprecated.
+its output. The main job's float32 training step (frozen stem, res2, res3 and res5) on a 2-core AMD
+EPYC (Zen 3, AVX2) takes 0.877 s with it and 1.061 s without (projects/SparseDETR/README.md, "Inference
+speed-ups"). TorchScript's `optimize_for_inference` does the same and is as fast here, but needs a
+traced copy of every stage, and TorchScript is deprecated.
 
 `use_onednn_stages(backbone)` sets this up for every child stage made only of Detectron2's ResNet
 blocks. Each stage keeps its module, parameters and state dict; a forward pre-hook moves the input to
@@ -48,7 +48,8 @@ class OneDNNConv2d(Conv2d):
         return [self.weight] + ([self.bias] if self.bias is not None else []) + norm
 
     def _folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = tuple((t.data_ptr(), t._version) for t in self._tensors())
+        # inference tensors (made under torch.inference_mode) have no version counter: their storage only
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors())
         cached = self.__dict__.get("_onednn_weights")
         if cached is None or cached[0] != key:
             with torch.no_grad():
