@@ -14,7 +14,7 @@ from torch import nn
 
 from sparse_detr.layers.fold_batchnorm import fold_frozen_batchnorm
 from sparse_detr.layers.onednn_linear import OneDNNLinear, onednn_linear_available, use_onednn_linears
-from sparse_detr.layers.onednn_stages import OneDNNConv2d
+from sparse_detr.layers.onednn_stages import OneDNNConv2d, use_onednn_stages
 from utils import make_inputs, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -155,6 +155,9 @@ def test_onednn_stages_keep_inference_outputs_and_state_dict():
     fast_modules = dict(fast.backbone.named_modules())
     assert convs and all(type(fast_modules[name]) is OneDNNConv2d for name in convs)
     assert fast.state_dict().keys() == plain.state_dict().keys()
+    hooks = len(fast.backbone.stem._forward_pre_hooks)
+    assert use_onednn_stages(fast.backbone) == ["stem", "res2", "res3", "res4", "res5"]
+    assert len(fast.backbone.stem._forward_pre_hooks) == hooks  # set up once
     fast.eval(), plain.eval()
     images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

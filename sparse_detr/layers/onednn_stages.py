@@ -108,10 +108,12 @@ def use_onednn_stages(backbone: nn.Module) -> List[str]:
     for name, stage in backbone.named_children():
         if not _stage_qualifies(stage):
             continue
+        names.append(name)
+        if any(isinstance(m, OneDNNConv2d) for m in stage.modules()):
+            continue  # set up already (a backbone passed to a second model)
         for module in stage.modules():
             if type(module) is Conv2d:
                 module.__class__ = OneDNNConv2d  # same object, parameters and state-dict names
         stage.register_forward_pre_hook(_to_onednn)
         stage.register_forward_hook(_to_dense)
-        names.append(name)
     return names
