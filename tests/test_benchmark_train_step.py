@@ -32,6 +32,11 @@ def test_rows_time_the_same_batches(bench, tmp_path, capsys):
     assert "| no encoder aux loss |" in table and "1.00x" in table
 
 
+def test_rounds_alternate_the_row_order(bench):
+    rows = ["baseline", "a", "b"]
+    assert [bench.round_order(rows, r) for r in range(3)] == [rows, ["b", "a", "baseline"], rows]
+
+
 def test_variant_needs_key_value_pairs(bench):
     with pytest.raises(SystemExit):
         bench.main(["--config-file", "configs/Base-SparseDETR.yaml", "--variant", "odd", "SEED"])

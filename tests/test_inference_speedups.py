@@ -211,6 +211,11 @@ def test_onednn_stages_fall_back_where_they_must():
         assert not _runs_onednn_convolutions(lambda: copy.deepcopy(stem).double()(x.double()))
         traced = torch.jit.trace(stem, x.detach())
     assert "mkldnn" not in str(traced.graph)
+    # a stage whose frozen norms became BatchNorm2d again (as adapt_frozen_batchnorm's copy) normalises
+    # with the batch's statistics in training mode: the ordinary path
+    estimator = FrozenBatchNorm2d.convert_frozenbatchnorm2d_to_batchnorm2d(copy.deepcopy(stem)).train()
+    with torch.no_grad():
+        assert not _runs_onednn_convolutions(lambda: estimator(x))
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")

@@ -9,7 +9,9 @@ Every row is a Trainer built from the config (the baseline) or from the config p
 each seeded alike. All rows run the trainer's real step (`run_step`: autocast as the trainer decides,
 gradient clipping, optimizer) on the same --batches batches from the config's training loader; after
 one warm-up pass per row, --rounds rounds run each row's pass in turn, so that a machine whose speed
-drifts (a shared CPU) slows every row alike. `--memory-format` adds the baseline with its backbone input
+drifts (a shared CPU) slows every row alike; every other round runs the rows in reverse order, so that
+no row always runs first (one that did came out 0.83x in one paired timing and 0.93-0.95x in two others
+with the rows swapped, docs/workflows.md, twenty-ninth session). `--memory-format` adds the baseline with its backbone input
 forced to channels_last (the model's choice on CPU is channels_last only outside float32 training, see
 `SparseDETR.pre_transformer`).
 """
@@ -47,6 +49,11 @@ def build_trainer(config_file: str, opts):
 def force_channels_last(trainer) -> None:
     backbone = trainer._trainer.model.backbone
     backbone.register_forward_pre_hook(lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
+
+
+def round_order(rows: list, round_index: int) -> list:
+    """The rows in the order round `round_index` runs them: as given, reversed in every odd round."""
+    return rows if round_index % 2 == 0 else rows[::-1]
 
 
 def main(argv=None) -> dict:
@@ -92,8 +99,8 @@ def main(argv=None) -> dict:
     with EventStorage(0):
         for _, trainer in rows:
             one_pass(trainer)  # warm-up: oneDNN primitives for every image size of the batches
-        for _ in range(args.rounds):
-            for name, trainer in rows:
+        for round_index in range(args.rounds):
+            for name, trainer in round_order(rows, round_index):
                 times[name].append(one_pass(trainer))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.config_file}, "
           f"{args.batches} batches x {args.rounds} rounds\n")

@@ -92,6 +92,8 @@ def _to_onednn(stage: nn.Module, args):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in stage.parameters())):
         return None  # a gradient flows through the stage: the ordinary path
+    if not _stage_qualifies(stage):
+        return None  # changed since set up, e.g. frozen norms made BatchNorm2d again (adapt_frozen_batchnorm)
     return (x.contiguous().to_mkldnn(),) + tuple(args[1:])
 
 
