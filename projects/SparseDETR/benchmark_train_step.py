@@ -10,8 +10,7 @@ each seeded alike. All rows run the trainer's real step (`run_step`: autocast as
 gradient clipping, optimizer) on the same --batches batches from the config's training loader; after
 one warm-up pass per row, --rounds rounds run each row's pass in turn, so that a machine whose speed
 drifts (a shared CPU) slows every row alike; every other round runs the rows in reverse order, so that
-no row always runs first (one that did came out 0.83x in one paired timing and 0.93-0.95x in two others
-with the rows swapped, docs/workflows.md, twenty-ninth session). `--memory-format` adds the baseline with its backbone input
+a row's place in the round cannot favour it. `--memory-format` adds the baseline with its backbone input
 forced to channels_last (the model's choice on CPU is channels_last only outside float32 training, see
 `SparseDETR.pre_transformer`).
 """
