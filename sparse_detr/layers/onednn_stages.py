@@ -7,7 +7,7 @@ needed (the stages frozen by FREEZE_AT or MODEL.BACKBONE.DETACHED_STAGES in trai
 inference) none of that has to be paid per call: the batch norm folds into the convolution, the folded
 weight is reordered once, and the stage's activations stay oneDNN ("mkldnn") tensors from its input to
 its output. On a 2-core AMD EPYC (Zen 3, AVX2) the main job's float32 training step (frozen stem, res2,
-res3 and res5) takes 0.83-0.95x as long with it (three paired timings) and its test-time-augmented
+res3 and res5) takes 0.83-0.95x as long with it (four paired timings) and its test-time-augmented
 evaluation about 0.8x (projects/SparseDETR/README.md, "Inference speed-ups"). TorchScript's
 `optimize_for_inference` does the same and is as fast here, but needs a traced copy of every stage, and
 TorchScript is deprecated.
