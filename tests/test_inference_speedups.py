@@ -80,16 +80,22 @@ def test_model_uses_onednn_linears_with_unchanged_outputs():
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
 
 
+def _randomize_frozen_batchnorms(model: nn.Module) -> None:
+    """Non-trivial statistics, as in a pretrained backbone."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+
+
 def test_fold_frozen_batchnorm_keeps_backbone_outputs():
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    for m in model.modules():  # non-trivial statistics, as in a pretrained backbone
-        if isinstance(m, FrozenBatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.2)
+    _randomize_frozen_batchnorms(model)
     norms = sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
     images = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
@@ -119,17 +125,6 @@ def test_backbone_input_is_channels_last_except_in_float32_training():
     with torch.no_grad():
         model(inputs)
     assert seen == [False, True, True]
-
-
-def _randomize_frozen_batchnorms(model: nn.Module) -> None:
-    """Non-trivial statistics, as in a pretrained backbone."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
 
 
 def _onednn_and_plain_models():
