@@ -8,11 +8,28 @@ benchmark's profile). The outputs are the same up to float rounding.
 The folded model is for inference only: the convolutions' weights change, so it must not be trained
 or saved as a training checkpoint.
 """
+from typing import Tuple
+
+import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["fold_frozen_batchnorm"]
+__all__ = ["fold_frozen_batchnorm", "folded_conv_weights"]
+
+
+def folded_conv_weights(conv: Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the convolution `conv` followed by its `FrozenBatchNorm2d` norm (or by no norm),
+    as one convolution: (out, in/groups, kh, kw), (out,); detached. The bias is zeros where `conv` has
+    none and no norm."""
+    with torch.no_grad():
+        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+        if conv.norm is None:
+            return conv.weight.detach(), bias.detach()
+        bn = conv.norm
+        weight, bias = fuse_conv_bn_weights(conv.weight, bias, bn.running_mean, bn.running_var, bn.eps,
+                                            bn.weight, bn.bias)
+        return weight.detach(), bias.detach()
 
 
 def fold_frozen_batchnorm(model: nn.Module) -> int:
@@ -21,12 +38,9 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     folded = 0
     for module in model.modules():
         if isinstance(module, Conv2d) and isinstance(module.norm, FrozenBatchNorm2d):
-            bn = module.norm
-            weight, bias = fuse_conv_bn_weights(module.weight, module.bias, bn.running_mean, bn.running_var,
-                                                bn.eps, bn.weight, bn.bias)
-            module.weight, module.bias = weight, bias
-            module.weight.requires_grad_(False)
-            module.bias.requires_grad_(False)
+            weight, bias = folded_conv_weights(module)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.bias = nn.Parameter(bias, requires_grad=False)
             module.norm = None
             folded += 1
     return folded

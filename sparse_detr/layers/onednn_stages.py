@@ -24,7 +24,8 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from .fold_batchnorm import folded_conv_weights
 
 __all__ = ["OneDNNConv2d", "use_onednn_stages"]
 
@@ -53,17 +54,10 @@ class OneDNNConv2d(Conv2d):
         key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors())
         cached = self.__dict__.get("_onednn_weights")
         if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weight, bias = self.weight, self.bias
-                if bias is None:
-                    bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-                if self.norm is not None:
-                    n = self.norm
-                    weight, bias = fuse_conv_bn_weights(weight, bias, n.running_mean, n.running_var, n.eps,
-                                                        n.weight, n.bias)
-                weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups)
-                cached = (key, weight, bias.detach().contiguous())
+            weight, bias = folded_conv_weights(self)
+            weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups)
+            cached = (key, weight, bias.contiguous())
             self.__dict__["_onednn_weights"] = cached  # not a buffer: out of the state dict
         return cached[1], cached[2]
 

@@ -123,7 +123,8 @@ class SparseDETR(nn.Module):
                  num_feature_levels: int, rho: float, test_rho: float, aux_loss: bool, with_box_refine: bool,
                  use_enc_aux_loss: bool, enc_aux_heads_at_inference: bool, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], detections_per_image: int = 100, test_dam_correlation: bool = False,
-                 cpu_onednn_linear: bool = True, cpu_onednn_stages: bool = True, one_to_many_queries: int = 0, one_to_many_repeats: int = 6,
+                 cpu_onednn_linear: bool = True, cpu_onednn_stages: bool = True, one_to_many_queries: int = 0,
+                 one_to_many_repeats: int = 6,
                  dn_groups: int = 0, dn_box_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.2):
         """
         Args:
